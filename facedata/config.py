@@ -1,0 +1,155 @@
+"""Run configuration: YAML validated at load, with defaults that work offline.
+
+Every stage's thresholds live here. A bad file or override fails with one line that names the
+file, the key and what was expected, e.g.::
+
+    configs/x.yaml: download.timeout: expected a number greater than 0 (got 'soon')
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration problem, already phrased as one line for the user."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputConfig(_Section):
+    """Where samples come from and which columns hold what."""
+
+    path: str = Field(description="File, glob, directory, or a Hugging Face dataset (saved to disk, or a hub name).")
+    format: Literal["auto", "parquet", "csv", "tsv", "jsonl", "hf", "folder", "webdataset"] = "auto"
+    url_col: str = "url"
+    caption_col: str = "caption"
+    # Columns carried through to the output; None carries every other column.
+    extra_cols: list[str] | None = None
+    hf_split: str = "train"
+    # Drop repeated URLs (status duplicate_url). Costs ~100 bytes of memory per distinct URL.
+    dedupe_urls: bool = True
+
+
+class ShardConfig(_Section):
+    samples_per_shard: int = Field(10_000, gt=0)
+
+
+class DownloadConfig(_Section):
+    # Concurrent requests inside one shard task (threads).
+    concurrency: int = Field(32, gt=0)
+    timeout: float = Field(10.0, gt=0, description="Seconds per request (connect and each read).")
+    retries: int = Field(2, ge=0, description="Extra attempts after a timeout, connection error, 429 or 5xx.")
+    backoff: float = Field(0.5, ge=0, description="First retry delay in seconds; doubles each attempt.")
+    max_retry_after: float = Field(30.0, ge=0, description="Longest Retry-After we honour; longer gives up.")
+    max_redirects: int = Field(5, ge=0)
+    max_bytes: int = Field(20_000_000, gt=0)
+    user_agent: str = "facedata/0.1 (+https://github.com/facedata/facedata; dataset builder)"
+    # Honour X-Robots-Tag: noai / noimageai (status opted_out).
+    respect_optout: bool = True
+
+
+class ImageConfig(_Section):
+    """DataComp's basic filter by default: shorter side >= 200 px, aspect <= 3."""
+
+    min_side: int = Field(200, ge=1)
+    max_aspect: float = Field(3.0, ge=1.0)
+    # Pillow's decompression-bomb limit; larger images get status decompression_bomb.
+    max_pixels: int = Field(89_478_485, gt=0)
+    # Downscale for storage so the longer side is at most this (None keeps the original size).
+    resize_max_side: int | None = Field(None, gt=0)
+    # never: store the downloaded bytes when they are already JPEG/PNG/WEBP and unresized;
+    # always: re-encode every image as JPEG.
+    reencode: Literal["never", "always"] = "never"
+    jpeg_quality: int = Field(92, ge=1, le=100)
+
+
+class RunnerConfig(_Section):
+    kind: Literal["thread", "sequential"] = "thread"
+    # Shards processed at once.
+    max_workers: int = Field(2, gt=0)
+    task_retries: int = Field(1, ge=0)
+
+
+class OutputConfig(_Section):
+    dir: str = "runs/latest"
+    contact_sheet: bool = True
+    contact_sheet_max: int = Field(48, gt=0)
+
+
+class Config(_Section):
+    input: InputConfig
+    shards: ShardConfig = ShardConfig()
+    download: DownloadConfig = DownloadConfig()
+    image: ImageConfig = ImageConfig()
+    runner: RunnerConfig = RunnerConfig()
+    output: OutputConfig = OutputConfig()
+
+
+def _first_error(source: str, err: ValidationError) -> ConfigError:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+    msg = e["msg"]
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif e["type"] == "missing":
+        msg = "required key is missing"
+    else:
+        msg = msg.removeprefix("Value error, ").replace("Input should be ", "expected ", 1)
+        if "input" in e and not isinstance(e["input"], dict):
+            msg += f" (got {e['input']!r})"
+    return ConfigError(f"{source}: {loc}: {msg}")
+
+
+def _apply_override(data: dict, item: str, source: str) -> None:
+    """Apply one `key.path=value` override; the value is parsed as YAML (so 3, true, [a, b] work)."""
+    if "=" not in item:
+        raise ConfigError(f"{source}: --set {item!r}: expected key.path=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: --set {key}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def config_from_dict(data: dict, source: str = "<config>", overrides: list[str] = ()) -> Config:
+    data = dict(data)
+    for item in overrides:
+        _apply_override(data, item, source)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise _first_error(source, err) from None
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read and validate a YAML config. Relative input paths are resolved against the file's folder."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "?"
+        raise ConfigError(f"{path}: {where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: (top level): expected a mapping of sections, got {type(data).__name__}")
+    cfg = config_from_dict(data, str(path), overrides)
+    in_path = cfg.input.path
+    if cfg.input.format != "hf" and not Path(in_path).is_absolute() and "://" not in in_path:
+        candidate = path.parent / in_path
+        if candidate.exists() or any(path.parent.glob(in_path)):
+            cfg.input.path = str(candidate)
+    return cfg

@@ -1,0 +1,34 @@
+"""Sample statuses and the column layout shared by every stage.
+
+A sample is a row; a shard is a batch of rows. Every row that enters a shard leaves it with a
+`status`: `ok`, or the first reason it was dropped. Stages add columns, they never drop rows.
+"""
+
+from __future__ import annotations
+
+OK = "ok"
+
+# Input problems (found while ingesting).
+MISSING_URL = "missing_url"
+INVALID_URL = "invalid_url"  # not parseable, or a scheme other than http(s)
+DUPLICATE_URL = "duplicate_url"
+FILE_NOT_FOUND = "file_not_found"
+
+# Download problems. HTTP errors are "http_<code>", e.g. "http_404"; see http_status().
+TIMEOUT = "timeout"
+CONNECTION_ERROR = "connection_error"
+TOO_MANY_REDIRECTS = "too_many_redirects"
+TOO_LARGE = "too_large"  # body over download.max_bytes
+TRUNCATED = "truncated"  # body shorter than its Content-Length
+NOT_IMAGE = "not_image"  # content type or magic bytes say this is not an image
+OPTED_OUT = "opted_out"  # X-Robots-Tag: noai / noimageai
+
+# Image problems (found while decoding and filtering).
+DECODE_ERROR = "decode_error"
+DECOMPRESSION_BOMB = "decompression_bomb"
+TOO_SMALL = "too_small"  # shorter side under image.min_side
+BAD_ASPECT = "bad_aspect"  # aspect ratio over image.max_aspect
+
+
+def http_status(code: int) -> str:
+    return f"http_{code}"
