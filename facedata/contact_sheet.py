@@ -1,0 +1,142 @@
+"""Contact sheet: one picture of a run's images with their captions, for a quick visual check."""
+
+from __future__ import annotations
+
+import math
+import os
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from facedata.imaging import ImageError, decode_rgb
+
+# Pillow's default limit: items have normally passed the image stage already.
+_MAX_PIXELS = 89_478_485
+_PAD = 8
+_CAPTION_LINES = 3
+_ELLIPSIS = "…"
+_BACKGROUND = (255, 255, 255)
+_LETTERBOX = (232, 232, 232)
+_TEXT = (40, 40, 40)
+_TITLE_BAR = (45, 45, 45)
+_TITLE_TEXT = (255, 255, 255)
+
+
+def _thumbnail(data: bytes, thumb: int) -> Image.Image | None:
+    """The image fitted inside thumb x thumb and centred on a grey square; None if undecodable."""
+    try:
+        img = decode_rgb(data, _MAX_PIXELS, draft_size=(thumb, thumb))
+    except ImageError:
+        return None
+    img.thumbnail((thumb, thumb), Image.Resampling.LANCZOS)
+    cell = Image.new("RGB", (thumb, thumb), _LETTERBOX)
+    cell.paste(img, ((thumb - img.width) // 2, (thumb - img.height) // 2))
+    return cell
+
+
+def _ellipsize(text: str, font: ImageFont.FreeTypeFont, width: int) -> str:
+    """`text` shortened until it fits in `width` pixels with an ellipsis after it."""
+    while text and font.getlength(text + _ELLIPSIS) > width:
+        text = text[:-1]
+    return text.rstrip() + _ELLIPSIS
+
+
+def _fitting_prefix(text: str, font: ImageFont.FreeTypeFont, width: int) -> int:
+    """Length of the longest prefix of `text` that fits in `width` pixels (at least 1)."""
+    n = 1
+    while n < len(text) and font.getlength(text[: n + 1]) <= width:
+        n += 1
+    return n
+
+
+def _wrap(caption: str, font: ImageFont.FreeTypeFont, width: int) -> list[str]:
+    """Greedy word wrap into at most _CAPTION_LINES lines, the last ellipsized if text remains.
+
+    A word wider than a line (a URL, a run of CJK text) is cut wherever it overflows.
+    """
+    lines: list[str] = []
+    line = ""
+    for word in caption.split():
+        if len(lines) > _CAPTION_LINES:
+            break  # enough to know the caption overflows
+        candidate = f"{line} {word}" if line else word
+        if font.getlength(candidate) <= width:
+            line = candidate
+            continue
+        if line:
+            lines.append(line)
+        while font.getlength(word) > width and len(lines) <= _CAPTION_LINES:
+            n = _fitting_prefix(word, font, width)
+            lines.append(word[:n])
+            word = word[n:]
+        line = word
+    if line:
+        lines.append(line)
+    if len(lines) > _CAPTION_LINES:
+        lines = lines[: _CAPTION_LINES - 1] + [_ellipsize(lines[_CAPTION_LINES - 1], font, width)]
+    return lines
+
+
+def make_contact_sheet(
+    items: Iterable[tuple[bytes, str]],
+    out_path: Path,
+    *,
+    title: str = "",
+    thumb: int = 192,
+    columns: int = 6,
+    max_items: int = 48,
+) -> Path | None:
+    """Draw up to `max_items` decodable (image bytes, caption) items in a grid and write it.
+
+    Each cell is `thumb` pixels wide with 8-pixel gutters; captions wrap onto up to 3 lines under
+    it. Undecodable items are skipped. Returns `out_path`, or None (writing nothing) when no item
+    could be drawn. The file is written to a temporary name and renamed, so readers never see
+    half a sheet; its format follows the suffix (PNG for an unknown one).
+    """
+    cells: list[tuple[Image.Image, str]] = []
+    for data, caption in items:
+        if len(cells) >= max_items:
+            break
+        cell = _thumbnail(data, thumb)
+        if cell is not None:
+            cells.append((cell, caption))
+    if not cells:
+        return None
+
+    font = ImageFont.load_default(size=max(10, thumb // 16))
+    title_font = ImageFont.load_default(size=max(14, thumb // 10))
+    line_height = math.ceil(font.size * 1.25)
+    title_height = math.ceil(title_font.size * 1.25) + 2 * _PAD
+    cols = min(columns, len(cells))
+    rows = math.ceil(len(cells) / cols)
+    cell_w = thumb + _PAD
+    cell_h = thumb + _PAD + _CAPTION_LINES * line_height + _PAD
+    sheet = Image.new("RGB", (_PAD + cols * cell_w, title_height + _PAD + rows * cell_h), _BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+
+    draw.rectangle((0, 0, sheet.width, title_height - 1), fill=_TITLE_BAR)
+    heading = title or f"{len(cells)} images"
+    if title_font.getlength(heading) > sheet.width - 2 * _PAD:
+        heading = _ellipsize(heading, title_font, sheet.width - 2 * _PAD)
+    draw.text((_PAD, _PAD), heading, font=title_font, fill=_TITLE_TEXT)
+
+    for i, (cell, caption) in enumerate(cells):
+        x = _PAD + (i % cols) * cell_w
+        y = title_height + _PAD + (i // cols) * cell_h
+        sheet.paste(cell, (x, y))
+        for n, line in enumerate(_wrap(caption, font, thumb)):
+            draw.text((x, y + thumb + _PAD // 2 + n * line_height), line, font=font, fill=_TEXT)
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    image_format = Image.registered_extensions().get(out_path.suffix.lower(), "PNG")
+    tmp_path = out_path.with_name(f".{out_path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        sheet.save(tmp_path, format=image_format)
+        os.replace(tmp_path, out_path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    return out_path
