@@ -29,11 +29,12 @@ class InputConfig(_Section):
     path: str = Field(description="File, glob, directory, or a Hugging Face dataset (saved to disk, or a hub name).")
     format: Literal["auto", "parquet", "csv", "tsv", "jsonl", "hf", "folder", "webdataset"] = "auto"
     url_col: str = "url"
-    caption_col: str = "caption"
+    # None: the input has no captions.
+    caption_col: str | None = "caption"
     # Columns carried through to the output; None carries every other column.
     extra_cols: list[str] | None = None
     hf_split: str = "train"
-    # Drop repeated URLs (status duplicate_url). Costs ~100 bytes of memory per distinct URL.
+    # Mark repeated URLs with status duplicate_url (the row stays). Costs ~70 bytes per distinct URL.
     dedupe_urls: bool = True
 
 
@@ -71,7 +72,8 @@ class ImageConfig(_Section):
 
 
 class RunnerConfig(_Section):
-    kind: Literal["thread", "sequential"] = "thread"
+    # Prefect task runner for the shard tasks.
+    kind: Literal["thread"] = "thread"
     # Shards processed at once.
     max_workers: int = Field(2, gt=0)
     task_retries: int = Field(1, ge=0)

@@ -1,0 +1,665 @@
+"""Ingest: read any supported input, streaming, as normalised sample batches; split them into shards.
+
+Every batch has the same columns, in this order::
+
+    key      string   global row index, zero-padded to 9 digits ("000000042"): stable across reruns
+    url      string   stripped; None when the sample has none
+    caption  string   stripped; None when missing or empty
+    path     string   local file to read instead of downloading (folder input, HF images on disk)
+    image    large_binary  embedded image bytes (HF Image columns, WebDataset tars)
+    status   string   None: to be fetched or read; otherwise an input problem (records.MISSING_URL,
+                      INVALID_URL, DUPLICATE_URL). Rows with a problem are kept, never dropped.
+    ...      string   extra columns carried through (InputConfig.extra_cols)
+
+Extra columns are always stored as strings (numbers and booleans in their JSON spelling, nested
+values as JSON, bytes decoded as UTF-8 with bad bytes replaced), so every batch and every shard of a
+run has one schema whatever the source types are, and files with drifting types cannot break a run.
+Extras named like a sample column get the prefix `source_` (a source `status` becomes `source_status`).
+With extra_cols None the extras are the columns of the first batch read; a column that first shows up
+later (JSONL records, WebDataset json, a second file) is skipped with a warning: list it in
+input.extra_cols to keep it.
+
+Memory stays flat in the input size: files are read in batches, and only the URL dedupe set (one
+64-bit hash per distinct URL) grows.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import re
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from facedata import records
+from facedata.config import InputConfig
+
+log = logging.getLogger(__name__)
+
+SAMPLE_COLUMNS = ("key", "url", "caption", "path", "image", "status")
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+PLAN_FILE = "plan.json"
+BATCH_ROWS = 8192
+
+_FILE_FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".tar": "webdataset"}
+_FORMAT_SUFFIX = {fmt: suffix for suffix, fmt in _FILE_FORMATS.items()}
+# Files save_to_disk writes at the top of a Dataset / DatasetDict folder.
+_HF_MARKERS = ("state.json", "dataset_info.json", "dataset_dict.json")
+_WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# Sources that embed image bytes read fewer rows per batch, so a batch stays within a few hundred MB.
+_IMAGE_BATCH_ROWS = 256
+_SHARD_FILE = re.compile(r"^\d{5,}\.parquet(\.tmp)?$")
+
+
+class InputError(ValueError):
+    """An input problem, phrased as one line that names the file and the column or field."""
+
+
+@dataclass
+class ShardPlan:
+    shard_id: int
+    path: str  # the shard's input parquet (absolute when plan_dir was)
+    n_samples: int
+
+
+@dataclass(frozen=True)
+class _Source:
+    format: str
+    # Data files in read order; the folder itself for folder and saved HF input; empty for a hub name.
+    files: list[Path]
+
+
+@dataclass
+class _Batch:
+    """Rows as one reader found them, before keys, cleaning and statuses."""
+
+    source: str  # file (or dataset) the rows came from, for messages
+    url: pa.Array | list
+    caption: pa.Array | list
+    fields: dict[str, pa.Array | list]  # every source column or field, by source name
+    path: pa.Array | list | None = None
+    image: pa.Array | None = None  # large_binary
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the input
+
+
+def _file_format(path: Path) -> str | None:
+    return _FILE_FORMATS.get(path.suffix.lower())
+
+
+def _detect_dir_format(root: Path) -> str:
+    names = os.listdir(root)
+    if any(marker in names for marker in _HF_MARKERS):
+        return "hf"
+    found = {fmt for name in names if (fmt := _file_format(Path(name))) and (root / name).is_file()}
+    if len(found) > 1:
+        raise InputError(f"{root}: holds several input formats ({', '.join(sorted(found))}); set input.format")
+    return found.pop() if found else "folder"
+
+
+def _resolve(cfg: InputConfig) -> _Source:
+    """The input's format and files, checked to exist and be non-empty."""
+    raw = cfg.path
+    path = Path(raw).expanduser()
+    fmt = cfg.format
+    if fmt == "hf":
+        return _Source("hf", [path] if path.exists() else [])
+    if path.is_dir():
+        if fmt == "auto":
+            fmt = _detect_dir_format(path)
+        if fmt in ("hf", "folder"):
+            return _Source(fmt, [path])
+        files = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() == _FORMAT_SUFFIX[fmt])
+        if not files:
+            raise InputError(f"{path}: no *{_FORMAT_SUFFIX[fmt]} files in this folder")
+    elif path.is_file():
+        if fmt == "folder":
+            raise InputError(f"{path}: input.format folder needs a folder, this is a file")
+        fmt = fmt if fmt != "auto" else _file_format(path) or ""
+        if not fmt:
+            raise InputError(f"{path}: cannot tell the format from the file name; set input.format")
+        files = [path]
+    elif any(ch in raw for ch in "*?["):
+        files = sorted(Path(f) for f in glob.glob(str(path), recursive=True) if os.path.isfile(f))
+        if not files:
+            raise InputError(f"{raw}: no files match this pattern")
+        if fmt == "folder":
+            raise InputError(f"{raw}: input.format folder needs a folder, not a pattern")
+        if fmt == "auto":
+            found = {_file_format(f) for f in files}
+            if len(found) != 1 or None in found:
+                kinds = ", ".join(sorted({f.suffix or f.name for f in files}))
+                raise InputError(f"{raw}: matches files of several or unknown formats ({kinds}); set input.format")
+            fmt = found.pop()
+    else:
+        raise InputError(f"{raw}: not found (for a Hugging Face hub dataset set input.format: hf)")
+    for f in files:
+        if f.stat().st_size == 0:
+            raise InputError(f"{f}: file is empty")
+    return _Source(fmt, files)
+
+
+def _all_files(source: _Source) -> Iterator[Path]:
+    for f in source.files:
+        if f.is_dir():
+            for dirpath, dirnames, filenames in os.walk(f):
+                dirnames.sort()
+                for name in sorted(filenames):
+                    yield Path(dirpath, name)
+        else:
+            yield f
+
+
+def _fingerprint(cfg: InputConfig, source: _Source, samples_per_shard: int) -> str:
+    """Identity of a planning: input files (path, size, mtime) and every setting that shapes the shards."""
+    digest = hashlib.blake2b(digest_size=16)
+    settings = {
+        "format": source.format,
+        "hub": cfg.path if not source.files else None,
+        "url_col": cfg.url_col,
+        "caption_col": cfg.caption_col,
+        "extra_cols": cfg.extra_cols,
+        "hf_split": cfg.hf_split,
+        "dedupe_urls": cfg.dedupe_urls,
+        "samples_per_shard": samples_per_shard,
+    }
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    for f in _all_files(source):
+        st = f.stat()
+        digest.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Value conversion
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _text(value) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, (bool, int, float, list, dict)):
+        return json.dumps(value, ensure_ascii=False, default=str)
+    return str(value)
+
+
+def _text_array(values: list) -> pa.Array:
+    texts = [_text(v) for v in values]
+    try:
+        return pa.array(texts, pa.string())
+    except UnicodeEncodeError:  # lone surrogates, e.g. from a JSON "\ud800" escape
+        return pa.array([t if t is None else t.encode("utf-8", "replace").decode() for t in texts], pa.string())
+
+
+def _strings(values: pa.Array | pa.ChunkedArray | list) -> pa.Array:
+    """Any column as a string array: text kept, bytes decoded (bad UTF-8 replaced), scalars cast, nested as JSON."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if isinstance(values, list):
+        return _text_array(values)
+    kind = values.type
+    if pa.types.is_dictionary(kind):
+        return _strings(values.dictionary_decode())
+    if pa.types.is_string(kind):
+        return values
+    if pa.types.is_null(kind):
+        return pa.nulls(len(values), pa.string())
+    if pa.types.is_nested(kind):
+        return _text_array(values.to_pylist())
+    try:  # text, binary holding valid UTF-8, numbers, booleans, dates
+        return values.cast(pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return _text_array(values.to_pylist())
+
+
+def _is_http_url(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a malformed port
+    except ValueError:
+        return False
+    return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+
+
+def _check_columns(source: str, names: list[str], cfg: InputConfig, kind: str = "column",
+                   need_url: bool = True) -> None:
+    """InputError unless the configured columns exist; JSON records may lack extras (they are sparse)."""
+    wanted = [("url_col", cfg.url_col)] if need_url else []
+    if cfg.caption_col is not None:
+        wanted.append(("caption_col", cfg.caption_col))
+    if kind == "column":
+        wanted += [("extra_cols", name) for name in cfg.extra_cols or []]
+    for setting, name in wanted:
+        if name not in names:
+            shown = ", ".join(names[:30]) + (", ..." if len(names) > 30 else "")
+            where = "" if kind == "column" else " in the first records"
+            raise InputError(f"{source}: {kind} {name!r} not found{where} ({kind}s: {shown}); set input.{setting}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers: one per format, each yields _Batch of at most batch_rows rows
+
+
+def _table_batch(source: str, batch: pa.RecordBatch | pa.Table, cfg: InputConfig) -> _Batch:
+    fields = dict(zip(batch.schema.names, batch.columns))
+    n = batch.num_rows
+    caption = fields[cfg.caption_col] if cfg.caption_col is not None else [None] * n
+    return _Batch(source, url=fields[cfg.url_col], caption=caption, fields=fields)
+
+
+def _read_parquet(cfg: InputConfig, files: list[Path], batch_rows: int) -> Iterator[_Batch]:
+    for f in files:
+        try:
+            parquet = pq.ParquetFile(f)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise InputError(f"{f}: not a readable Parquet file ({_one_line(err)})") from None
+        names = parquet.schema_arrow.names
+        _check_columns(str(f), names, cfg)
+        columns = None
+        if cfg.extra_cols is not None:  # read only what is carried
+            caption = [cfg.caption_col] if cfg.caption_col is not None else []
+            columns = list(dict.fromkeys([cfg.url_col, *caption, *cfg.extra_cols]))
+        with parquet:
+            for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
+                yield _table_batch(str(f), batch, cfg)
+
+
+def _read_csv(cfg: InputConfig, files: list[Path], batch_rows: int, delimiter: str) -> Iterator[_Batch]:
+    parse = pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
+    label = "TSV" if delimiter == "\t" else "CSV"
+    for f in files:
+        try:
+            names = pacsv.open_csv(f, parse_options=parse).schema.names
+            _check_columns(str(f), names, cfg)
+            # Binary columns: every cell is kept as written and decoded later with bad UTF-8 replaced,
+            # so neither type inference nor a stray byte can fail the read.
+            convert = pacsv.ConvertOptions(column_types={name: pa.binary() for name in names})
+            reader = pacsv.open_csv(f, parse_options=parse, convert_options=convert)
+            for batch in reader:
+                for offset in range(0, batch.num_rows, batch_rows):
+                    yield _table_batch(str(f), batch.slice(offset, batch_rows), cfg)
+        except pa.ArrowInvalid as err:
+            raise InputError(f"{f}: not valid {label} ({_one_line(err)})") from None
+
+
+def _record_fields(rows: list[dict]) -> dict[str, list]:
+    """Columns of JSON records: the union of their keys, None where a record lacks one."""
+    names = dict.fromkeys(name for row in rows for name in row)
+    return {name: [row.get(name) for row in rows] for name in names}
+
+
+def _records_batch(source: str, rows: list[dict], cfg: InputConfig, check: bool) -> _Batch:
+    fields = _record_fields(rows)
+    if check:
+        _check_columns(source, list(fields), cfg, kind="field")
+    empty = [None] * len(rows)
+    caption = fields.get(cfg.caption_col, empty) if cfg.caption_col is not None else empty
+    return _Batch(source, url=fields.get(cfg.url_col, empty), caption=caption, fields=fields)
+
+
+def _read_jsonl(cfg: InputConfig, files: list[Path], batch_rows: int) -> Iterator[_Batch]:
+    for f in files:
+        rows: list[dict] = []
+        first = True
+        with open(f, "rb") as lines:
+            for line_no, raw in enumerate(lines, 1):
+                line = raw.decode("utf-8", "replace").strip()
+                if not line:
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise InputError(f"{f}: line {line_no}: not valid JSON ({err.msg})") from None
+                if not isinstance(row, dict):
+                    raise InputError(f"{f}: line {line_no}: expected a JSON object, got {type(row).__name__}")
+                rows.append(row)
+                if len(rows) == batch_rows:
+                    yield _records_batch(str(f), rows, cfg, check=first)
+                    rows, first = [], False
+        if rows:
+            yield _records_batch(str(f), rows, cfg, check=first)
+
+
+def _open_hf(cfg: InputConfig, files: list[Path]):
+    import datasets  # heavy import, only for this format
+
+    if files:
+        try:
+            ds = datasets.load_from_disk(str(files[0]))
+        except FileNotFoundError as err:
+            raise InputError(f"{files[0]}: not a dataset saved with save_to_disk ({_one_line(err)})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if cfg.hf_split not in ds:
+                splits = ", ".join(ds)
+                raise InputError(f"{files[0]}: split {cfg.hf_split!r} not found (splits: {splits}); set input.hf_split")
+            ds = ds[cfg.hf_split]
+        return ds
+    try:
+        return datasets.load_dataset(cfg.path, split=cfg.hf_split, streaming=True)
+    except Exception as err:  # the hub client raises many types (network, auth, unknown split or name)
+        reason = _one_line(err)
+        raise InputError(f"{cfg.path}: cannot open Hugging Face dataset, split {cfg.hf_split!r} ({reason})") from None
+
+
+def _read_hf(cfg: InputConfig, files: list[Path], batch_rows: int) -> Iterator[_Batch]:
+    """Rows of an HF dataset. The first Image column becomes `image` bytes (or `path` when an entry has
+    no bytes); further Image columns are not carried."""
+    import datasets
+
+    ds = _open_hf(cfg, files)
+    source = str(files[0]) if files else f"{cfg.path} (split {cfg.hf_split})"
+    image_cols = [name for name, feature in (ds.features or {}).items() if isinstance(feature, datasets.Image)]
+    if image_cols:
+        batch_rows = min(batch_rows, _IMAGE_BATCH_ROWS)
+    first = True
+    # Arrow format hands out slices of the stored table: no Python rows, and images stay undecoded
+    # {bytes, path} structs.
+    for table in ds.with_format("arrow").iter(batch_size=batch_rows):
+        text_names = [name for name in table.column_names if name not in image_cols]
+        if first:
+            _check_columns(source, text_names, cfg, need_url=not image_cols)
+            first = False
+        fields = {name: table.column(name) for name in text_names}
+        empty = [None] * table.num_rows
+        image = path = None
+        if image_cols:
+            struct = table.column(image_cols[0]).combine_chunks()
+            image = pc.struct_field(struct, "bytes").cast(pa.large_binary())
+            path = pc.if_else(pc.is_valid(image), pa.scalar(None, pa.string()), pc.struct_field(struct, "path"))
+        yield _Batch(
+            source,
+            url=fields.get(cfg.url_col, empty),
+            caption=fields[cfg.caption_col] if cfg.caption_col is not None else empty,
+            fields=fields,
+            path=path,
+            image=image,
+        )
+
+
+def _read_folder(root: Path, batch_rows: int) -> Iterator[_Batch]:
+    """Image files under root (sorted, hidden files skipped), captioned by a same-stem .txt beside them."""
+    paths: list[str] = []
+    captions: list[str | None] = []
+    for dirpath, dirnames, filenames in os.walk(root.resolve()):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        present = set(filenames)
+        for name in sorted(filenames):
+            stem, suffix = os.path.splitext(name)
+            if name.startswith(".") or suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            paths.append(os.path.join(dirpath, name))
+            sidecar = os.path.join(dirpath, stem + ".txt")
+            captions.append(Path(sidecar).read_bytes().decode("utf-8", "replace") if stem + ".txt" in present else None)
+            if len(paths) == batch_rows:
+                yield _Batch(str(root), url=[None] * len(paths), caption=captions, fields={}, path=paths)
+                paths, captions = [], []
+    if paths:
+        yield _Batch(str(root), url=[None] * len(paths), caption=captions, fields={}, path=paths)
+
+
+def _tar_samples(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Members grouped by WebDataset key (the path up to the first dot of the basename): (key, {ext: data})."""
+    key, members = "", {}
+    for member in tar:
+        if not member.isfile():
+            continue
+        folder, _, base = member.name.rpartition("/")
+        if base.startswith(".") or "." not in base:
+            continue
+        stem, ext = base.split(".", 1)
+        if f"{folder}/{stem}" != key:
+            if members:
+                yield key, members
+            key, members = f"{folder}/{stem}", {}
+        members[ext.lower()] = tar.extractfile(member).read()
+    if members:
+        yield key, members
+
+
+def _wds_batch(source: str, metas: list[dict], images: list[bytes | None], captions: list[str | None],
+               cfg: InputConfig) -> _Batch:
+    fields = _record_fields(metas)
+    return _Batch(source, url=fields.get(cfg.url_col, [None] * len(metas)), caption=captions, fields=fields,
+                  image=pa.array(images, pa.large_binary()))
+
+
+def _read_webdataset(cfg: InputConfig, files: list[Path], batch_rows: int) -> Iterator[_Batch]:
+    """Samples of WebDataset tars: image from jpg/jpeg/png/webp, caption from txt, extras (and the URL
+    under input.url_col) from json; a json field named like input.caption_col is not carried (txt is
+    the caption). Other members are ignored. Tars are read as streams, one member at a time."""
+    batch_rows = min(batch_rows, _IMAGE_BATCH_ROWS)
+    for f in files:
+        metas: list[dict] = []
+        images: list[bytes | None] = []
+        captions: list[str | None] = []
+        try:
+            with tarfile.open(f, mode="r|*") as tar:
+                for key, members in _tar_samples(tar):
+                    if not {"txt", "json", *_WDS_IMAGE_EXTS} & members.keys():
+                        continue  # not a sample (e.g. an index member)
+                    meta = {}
+                    if "json" in members:
+                        try:
+                            meta = json.loads(members["json"].decode("utf-8", "replace"))
+                        except json.JSONDecodeError as err:
+                            raise InputError(f"{f}: {key}.json: not valid JSON ({err.msg})") from None
+                        if not isinstance(meta, dict):
+                            raise InputError(f"{f}: {key}.json: expected a JSON object, got {type(meta).__name__}")
+                    metas.append(meta)
+                    images.append(next((members[ext] for ext in _WDS_IMAGE_EXTS if ext in members), None))
+                    captions.append(members["txt"].decode("utf-8", "replace") if "txt" in members else None)
+                    if len(metas) == batch_rows:
+                        yield _wds_batch(str(f), metas, images, captions, cfg)
+                        metas, images, captions = [], [], []
+        except tarfile.TarError as err:
+            raise InputError(f"{f}: not a readable tar file ({_one_line(err)})") from None
+        if metas:
+            yield _wds_batch(str(f), metas, images, captions, cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalising: keys, cleaned text, statuses, a fixed schema
+
+
+def _clean(values: pa.Array | list) -> list[str | None]:
+    """Stripped strings; empty ones become None."""
+    return [(v.strip() or None) if v is not None else None for v in _strings(values).to_pylist()]
+
+
+class _Normaliser:
+    """Turns reader batches into sample tables; holds the state that spans batches."""
+
+    def __init__(self, cfg: InputConfig):
+        self.cfg = cfg
+        self.n_rows = 0
+        self.seen_urls: set[int] = set()
+        self.extras: list[str] | None = list(cfg.extra_cols) if cfg.extra_cols is not None else None
+        self.skipped: set[str] = set()
+
+    def _url_status(self, url: str | None) -> str | None:
+        if url is None:
+            return records.MISSING_URL
+        if not _is_http_url(url):
+            return records.INVALID_URL
+        if self.cfg.dedupe_urls:
+            digest = hashlib.blake2b(url.encode("utf-8"), digest_size=8).digest()
+            url_hash = int.from_bytes(digest, "little")
+            if url_hash in self.seen_urls:
+                return records.DUPLICATE_URL
+            self.seen_urls.add(url_hash)
+        return None
+
+    def _extra_names(self, batch: _Batch) -> list[str]:
+        own = {self.cfg.url_col, self.cfg.caption_col}
+        if self.extras is None:
+            self.extras = [name for name in batch.fields if name not in own]
+        elif self.cfg.extra_cols is None:
+            late = [name for name in batch.fields if name not in own and name not in self.extras
+                    and name not in self.skipped]
+            if late:
+                log.warning("%s: column(s) %s not in the first batch read; not carried (list them in "
+                            "input.extra_cols to keep them)", batch.source, ", ".join(late))
+                self.skipped.update(late)
+        return self.extras
+
+    def __call__(self, batch: _Batch) -> pa.Table:
+        urls = _clean(batch.url)
+        n = len(urls)
+        captions = _clean(batch.caption)
+        paths = _strings(batch.path) if batch.path is not None else pa.nulls(n, pa.string())
+        image = batch.image if batch.image is not None else pa.nulls(n, pa.large_binary())
+        has_local = pc.or_(pc.is_valid(image), pc.is_valid(paths)).to_pylist()
+        columns = {
+            "key": pa.array([f"{i:09d}" for i in range(self.n_rows, self.n_rows + n)], pa.string()),
+            "url": pa.array(urls, pa.string()),
+            "caption": pa.array(captions, pa.string()),
+            "path": paths,
+            "image": image,
+            # URL problems only matter for samples that are fetched by URL.
+            "status": pa.array([None if local else self._url_status(url) for url, local in zip(urls, has_local)],
+                               pa.string()),
+        }
+        for name in self._extra_names(batch):
+            values = batch.fields.get(name)
+            out = f"source_{name}" if name in SAMPLE_COLUMNS else name
+            columns[out] = _strings(values) if values is not None else pa.nulls(n, pa.string())
+        self.n_rows += n
+        return pa.table(columns)
+
+
+def iter_samples(cfg: InputConfig, batch_rows: int = BATCH_ROWS) -> Iterator[pa.Table]:
+    """Normalised sample batches (at most batch_rows rows each, one schema) with keys and input statuses."""
+    return _iter_source(cfg, _resolve(cfg), batch_rows)
+
+
+def _iter_source(cfg: InputConfig, source: _Source, batch_rows: int) -> Iterator[pa.Table]:
+    if source.format == "folder":
+        batches = _read_folder(source.files[0], batch_rows)
+    elif source.format in ("csv", "tsv"):
+        batches = _read_csv(cfg, source.files, batch_rows, "\t" if source.format == "tsv" else ",")
+    else:
+        reader = {"parquet": _read_parquet, "jsonl": _read_jsonl, "hf": _read_hf, "webdataset": _read_webdataset}
+        batches = reader[source.format](cfg, source.files, batch_rows)
+    normalise = _Normaliser(cfg)
+    for batch in batches:
+        if len(batch.url):
+            yield normalise(batch)
+    if normalise.n_rows == 0:
+        raise InputError(f"{cfg.path}: no samples found")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shard planning
+
+
+def _write_shards(tables: Iterator[pa.Table], samples_per_shard: int, plan_dir: Path) -> list[ShardPlan]:
+    shards: list[ShardPlan] = []
+    writer: pq.ParquetWriter | None = None
+    tmp = final = None
+    count = 0
+
+    def close() -> None:
+        nonlocal writer
+        writer.close()
+        writer = None
+        os.replace(tmp, final)
+        shards.append(ShardPlan(len(shards), str(final), count))
+
+    try:
+        for table in tables:
+            offset = 0
+            while offset < table.num_rows:
+                if writer is None:
+                    final = plan_dir / f"{len(shards):05d}.parquet"
+                    tmp = final.with_name(final.name + ".tmp")
+                    writer = pq.ParquetWriter(tmp, table.schema)
+                    count = 0
+                take = min(samples_per_shard - count, table.num_rows - offset)
+                writer.write_table(table.slice(offset, take))
+                count += take
+                offset += take
+                if count == samples_per_shard:
+                    close()
+        if writer is not None:
+            close()
+    finally:
+        if writer is not None:  # failed mid-shard: release the file; the next run replans
+            writer.close()
+    return shards
+
+
+def plan_shards(cfg: InputConfig, samples_per_shard: int, plan_dir: Path) -> list[ShardPlan]:
+    """Split the input into plan_dir/00000.parquet, 00001.parquet, ... of samples_per_shard rows each.
+
+    plan.json is written last: when it exists and matches the input (files, sizes, mtimes, settings),
+    the plan is reused without reading the input; when it is missing the planning is redone.
+    """
+    plan_dir = Path(plan_dir)
+    source = _resolve(cfg)
+    fingerprint = _fingerprint(cfg, source, samples_per_shard)
+    plan_file = plan_dir / PLAN_FILE
+    if plan_file.exists():
+        plan = _read_plan(plan_file)
+        if plan.get("fingerprint") != fingerprint:
+            raise InputError(
+                f"{plan_file}: this run dir belongs to another input or settings (planned from "
+                f"{plan.get('input')}); use another output dir or delete this one"
+            )
+        return load_plan(plan_dir)
+    plan_dir.mkdir(parents=True, exist_ok=True)
+    for stale in plan_dir.iterdir():  # left by a killed planning
+        if _SHARD_FILE.match(stale.name) or stale.name == PLAN_FILE + ".tmp":
+            stale.unlink()
+    shards = _write_shards(_iter_source(cfg, source, BATCH_ROWS), samples_per_shard, plan_dir)
+    plan = {
+        "input": cfg.path,
+        "format": source.format,
+        "fingerprint": fingerprint,
+        "n_samples": sum(s.n_samples for s in shards),
+        "n_shards": len(shards),
+        "shards": [{"shard_id": s.shard_id, "file": Path(s.path).name, "n_samples": s.n_samples} for s in shards],
+    }
+    # Temporary file and rename (shards too): a killed run never leaves a half-written file behind.
+    tmp = plan_file.with_name(PLAN_FILE + ".tmp")
+    tmp.write_text(json.dumps(plan, indent=1) + "\n")
+    os.replace(tmp, plan_file)
+    log.info("planned %d samples in %d shards from %s (%s)", plan["n_samples"], len(shards), cfg.path, source.format)
+    return shards
+
+
+def _read_plan(plan_file: Path) -> dict:
+    try:
+        plan = json.loads(plan_file.read_text())
+        if not isinstance(plan, dict) or not isinstance(plan.get("shards"), list):
+            raise ValueError("no shard list")
+    except FileNotFoundError:
+        raise InputError(f"{plan_file}: not found; plan the shards first") from None
+    except (OSError, ValueError) as err:
+        raise InputError(f"{plan_file}: unreadable plan ({_one_line(err)}); delete it to replan") from None
+    return plan
+
+
+def load_plan(plan_dir: Path) -> list[ShardPlan]:
+    """The shards of a finished planning, from plan_dir/plan.json."""
+    plan_dir = Path(plan_dir)
+    plan = _read_plan(plan_dir / PLAN_FILE)
+    return [ShardPlan(s["shard_id"], str(plan_dir / s["file"]), s["n_samples"]) for s in plan["shards"]]
