@@ -1,0 +1,147 @@
+"""The embedded demo: a small real web corpus on 127.0.0.1, curated end to end, offline.
+
+The photos are real files that registry packages ship: openpeople's synthetic photoreal people
+(MIT; portraits, selfies, full-body shots, emotion sheets) and scikit-image's sample images
+(BSD/public domain; mostly without faces). The captions are written here from openpeople's own
+metadata (age range, sex, hair) and from what the scikit-image pictures show, in the style of web
+alt text: honest about the picture, never a name.
+
+A few entries are broken on purpose, so the run shows how each failure is recorded: a 404, a slow
+URL past the timeout, a truncated JPEG, an HTML page served as image/jpeg, an image too small for the
+filter, a panorama past the aspect limit, an opted-out image (X-Robots-Tag: noai) and a repeated URL.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from facedata.config import load_config
+from facedata.webserver import LoopbackServer
+
+log = logging.getLogger(__name__)
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+# openpeople asset -> how a web page might describe it ({who} is filled from the person's metadata).
+_PERSON_SHOTS = {
+    "studio_portrait": "Studio headshot of {who} against a plain grey background",
+    "amateur_selfie": "Casual selfie of {who}",
+    "amateur_posture": "Snapshot of {who} standing outdoors",
+    "studio_posture": "Full-length studio photo of {who}",
+}
+_EMOTION_SHEET = "Grid of sixteen close-ups of {who} showing different facial expressions"
+
+# scikit-image sample -> caption. astronaut and camera show a person; the rest show none.
+_SKIMAGE_PICTURES = {
+    "astronaut.png": "Official portrait of an astronaut in a spacesuit holding a helmet, flag behind",
+    "camera.png": "Black and white photo of a photographer with a camera on a tripod",
+    "coffee.png": "A cup of coffee with latte art on a saucer",
+    "chelsea.png": "A tabby cat looking to the side",
+    "rocket.jpg": "A rocket on the launch pad before lift-off",
+    "coins.png": "Greyscale photo of old coins on a table",
+    "motorcycle_left.png": "A motorcycle parked in a studio",
+    "hubble_deep_field.jpg": "Deep field image of distant galaxies",
+}
+
+
+@dataclass
+class CorpusEntry:
+    url_path: str  # path on the demo server, fault route included
+    caption: str
+    expect: str  # the status the demo expects, shown next to the result
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"package {name!r} is not installed; run `make setup`")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _describe_person(meta: dict) -> str:
+    demo = meta["character_details"]["demographics"]
+    noun = {"female": "a woman", "male": "a man"}.get(demo["sex"], "a person")
+    return f"{noun} aged {demo['age_range']}"
+
+
+def build_demo_corpus(web_root: Path) -> list[CorpusEntry]:
+    """Copy the demo photos under `web_root` and list the corpus, broken entries included."""
+    img_dir = web_root / "img"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    entries: list[CorpusEntry] = []
+
+    people = sorted((_package_dir("openpeople") / "data" / "curated").glob("P*"))
+    for i, person_dir in enumerate(people):
+        who = _describe_person(json.loads((person_dir / "metadata.json").read_text()))
+        shots = dict(_PERSON_SHOTS)
+        if i < 3:  # a few many-face images
+            shots["emotions_sheet"] = _EMOTION_SHEET
+        for shot, template in shots.items():
+            name = f"{person_dir.name.lower()}_{shot}.jpg"
+            shutil.copyfile(person_dir / "assets" / f"{shot}.jpg", img_dir / name)
+            entries.append(CorpusEntry(f"img/{name}", template.format(who=who), "ok"))
+
+    skimage_data = _package_dir("skimage") / "data"
+    for name, caption in _SKIMAGE_PICTURES.items():
+        shutil.copyfile(skimage_data / name, img_dir / name)
+        entries.append(CorpusEntry(f"img/{name}", caption, "ok"))
+
+    # Broken on purpose.
+    portrait = "img/p001_studio_portrait.jpg"
+    with Image.open(img_dir / "p002_studio_portrait.jpg") as im:
+        im.convert("RGB").resize((120, 120)).save(img_dir / "thumbnail.jpg", quality=85)
+        w, h = im.size
+        im.convert("RGB").crop((0, h // 2 - h // 8, w, h // 2 + h // 8)).save(img_dir / "banner.jpg", quality=85)
+    (web_root / "article.html").write_text("<html><body><p>Not an image.</p></body></html>")
+    entries += [
+        CorpusEntry("status/404", "Photo that has since been deleted", "http_404"),
+        CorpusEntry(f"slow/30/{portrait}", "Portrait on a very slow server", "timeout"),
+        CorpusEntry("truncate/img/p003_studio_portrait.jpg", "Portrait whose download breaks off", "truncated"),
+        CorpusEntry("as/image/jpeg/article.html", "Link that serves a web page instead of a photo", "not_image"),
+        CorpusEntry("img/thumbnail.jpg", "Tiny thumbnail of a headshot", "too_small"),
+        CorpusEntry("img/banner.jpg", "Wide banner cropped from a portrait", "bad_aspect"),
+        CorpusEntry("optout/noai/img/p004_studio_portrait.jpg", "Portrait whose site opts out of AI use", "opted_out"),
+        CorpusEntry(portrait, "The same headshot linked a second time", "duplicate_url"),
+    ]
+    return entries
+
+
+def write_corpus(entries: list[CorpusEntry], server: LoopbackServer, path: Path) -> Path:
+    table = pa.table({
+        "url": [server.url(e.url_path) for e in entries],
+        "caption": [e.caption for e in entries],
+        "expected_status": [e.expect for e in entries],
+    })
+    pq.write_table(table, path)
+    return path
+
+
+def run_demo(output: Path, progress: bool = True) -> dict:
+    """Build the corpus, serve it, run the curation flow on it and print what happened."""
+    from facedata.summary import format_summary
+    from flows.curate import run_curation
+
+    output = Path(output)
+    # The server's port changes every run, so the corpus (and its plan) does too: start clean.
+    if output.exists():
+        shutil.rmtree(output)
+    entries = build_demo_corpus(output / "web")
+    with LoopbackServer(output / "web") as server:
+        corpus = write_corpus(entries, server, (output / "corpus.parquet").resolve())
+        log.info("demo corpus: %d entries served at %s", len(entries), server.url(""))
+        cfg = load_config(DEMO_CONFIG, [f"input.path={corpus}", f"output.dir={output / 'run'}"])
+        summary = run_curation(cfg, Path(cfg.output.dir), progress=progress)
+    print(format_summary(summary))
+    print(f"run directory: {cfg.output.dir}")
+    if summary.get("contact_sheet"):
+        print(f"contact sheet of kept images: {summary['contact_sheet']}")
+    return summary

@@ -1,0 +1,151 @@
+"""Shard files on disk: the unit of work, resume and parallelism.
+
+A finished shard NNNNN in `<run>/shards/` is three files, each written atomically (temp file, then
+rename) in this order:
+
+- `NNNNN.tar`: a webdataset tar of the kept samples (`KEY.jpg|png|webp`, `KEY.txt`, `KEY.json`);
+- `NNNNN.parquet`: every sample of the shard, kept or not, with its status and measurements;
+- `NNNNN.stats.json`: counts per status, bytes and seconds. Written last, so it marks the shard done.
+
+A shard without its stats file is unfinished; a rerun redoes it from its plan and overwrites the rest.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from facedata import records
+
+
+def shard_name(shard_id: int) -> str:
+    return f"{shard_id:05d}"
+
+
+def stats_path(shard_dir: Path, shard_id: int) -> Path:
+    return shard_dir / f"{shard_name(shard_id)}.stats.json"
+
+
+def is_done(shard_dir: Path, shard_id: int) -> bool:
+    return stats_path(shard_dir, shard_id).exists()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+class atomic_path:
+    """Context manager giving a temp path beside `path`; renamed onto `path` only on success."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def __enter__(self) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.close(fd)
+        self.tmp = Path(name)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+class ShardWriter:
+    """Streams kept samples into the shard's tar as they arrive; records are written at close.
+
+    Only the kept samples' bytes pass through here, one at a time, so memory stays flat in the
+    shard size. Records are sorted by key, so a rerun writes the same parquet whatever the order
+    downloads finished in.
+    """
+
+    def __init__(self, shard_dir: Path, shard_id: int):
+        self.shard_dir = Path(shard_dir)
+        self.shard_id = shard_id
+        self.name = shard_name(shard_id)
+        # Temp files of an earlier, killed attempt at this shard.
+        for stale in self.shard_dir.glob(f".{self.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+        self._tar_target = atomic_path(self.shard_dir / f"{self.name}.tar")
+        self._tar_tmp = self._tar_target.__enter__()
+        self._tar = tarfile.open(self._tar_tmp, "w", format=tarfile.PAX_FORMAT)
+        self._records: list[dict] = []
+        self._started = time.time()
+        self._mtime = int(self._started)
+
+    def _add_member(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = self._mtime
+        info.mode = 0o644
+        self._tar.addfile(info, io.BytesIO(data))
+
+    def add(self, record: dict, image: bytes | None = None, ext: str | None = None) -> None:
+        """Add one sample's record; a kept sample (status ok) also goes into the tar."""
+        if record["status"] == records.OK:
+            key = record["key"]
+            self._add_member(f"{key}.{ext}", image)
+            self._add_member(f"{key}.txt", (record.get("caption") or "").encode("utf-8"))
+            meta = {k: v for k, v in record.items() if k not in ("image",)}
+            self._add_member(f"{key}.json", json.dumps(meta, sort_keys=True, default=str).encode())
+        self._records.append(record)
+
+    def abort(self) -> None:
+        self._tar.close()
+        self._tar_target.__exit__(RuntimeError, None, None)
+
+    def close(self, extra_stats: dict | None = None) -> dict:
+        """Finish the tar, write the parquet, then the stats file that marks the shard done."""
+        self._tar.close()
+        self._tar_target.__exit__(None, None, None)
+        rows = sorted(self._records, key=lambda r: r["key"])
+        table = pa.Table.from_pylist(rows) if rows else pa.table({"key": pa.array([], pa.string())})
+        with atomic_path(self.shard_dir / f"{self.name}.parquet") as tmp:
+            pq.write_table(table, tmp)
+        finished = time.time()
+        counts = Counter(r["status"] for r in rows)
+        stats = {
+            "shard_id": self.shard_id,
+            "n_samples": len(rows),
+            "n_ok": counts.get(records.OK, 0),
+            "status_counts": dict(sorted(counts.items())),
+            "started_at": self._started,
+            "finished_at": finished,
+            "seconds": round(finished - self._started, 3),
+            "bytes_downloaded": sum(r.get("bytes_downloaded") or 0 for r in rows),
+            "bytes_stored": (self.shard_dir / f"{self.name}.tar").stat().st_size,
+            **(extra_stats or {}),
+        }
+        write_json(stats_path(self.shard_dir, self.shard_id), stats)
+        return stats
+
+
+def read_stats(shard_dir: Path, shard_id: int) -> dict:
+    return json.loads(stats_path(shard_dir, shard_id).read_text())
+
+
+def read_records(shard_dir: Path) -> pa.Table:
+    """All finished shards' records, in shard order."""
+    tables = []
+    for stats_file in sorted(Path(shard_dir).glob("*.stats.json")):
+        name = stats_file.name.split(".")[0]
+        tables.append(pq.read_table(Path(shard_dir) / f"{name}.parquet"))
+    return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})

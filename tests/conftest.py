@@ -1,0 +1,61 @@
+"""Shared fixtures: real photos from registry packages, a loopback web server, Prefect settings."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from facedata.webserver import LoopbackServer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def package_dir(name: str) -> Path:
+    return Path(next(iter(importlib.util.find_spec(name).submodule_search_locations)))
+
+
+def openpeople_photos() -> list[Path]:
+    """Every openpeople single-person photo (portraits, selfies, full-body), 10 people x 4."""
+    curated = package_dir("openpeople") / "data" / "curated"
+    shots = ("studio_portrait", "amateur_selfie", "amateur_posture", "studio_posture")
+    return [p / "assets" / f"{s}.jpg" for p in sorted(curated.glob("P*")) for s in shots]
+
+
+@pytest.fixture(scope="session")
+def web_root(tmp_path_factory) -> Path:
+    """A folder of small real JPEGs (openpeople photos downscaled to 320 px) and skimage pictures."""
+    root = tmp_path_factory.mktemp("web")
+    for src in openpeople_photos()[:24]:
+        with Image.open(src) as im:
+            im.thumbnail((320, 320))
+            im.save(root / f"{src.parent.parent.name}_{src.stem}.jpg", quality=90)
+    skimage_data = package_dir("skimage") / "data"
+    for name in ("coffee.png", "chelsea.png", "astronaut.png"):
+        (root / name).write_bytes((skimage_data / name).read_bytes())
+    (root / "page.html").write_text("<html><body>not an image</body></html>")
+    return root
+
+
+@pytest.fixture(scope="session")
+def web(web_root):
+    with LoopbackServer(web_root) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def cli_env(tmp_path_factory) -> dict:
+    """Environment for `facedata` subprocesses: one quiet Prefect home shared by the session."""
+    env = dict(os.environ)
+    env.pop("PREFECT_API_URL", None)
+    env["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect_home"))
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def facedata_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "facedata.cli", *args]

@@ -1,0 +1,157 @@
+"""The curation flow through the real CLI: a real Prefect run, a real loopback server, kill -9 and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from facedata import records
+from facedata.shards import read_records
+from tests.conftest import REPO, facedata_cmd
+
+pytestmark = pytest.mark.slow
+
+
+def write_corpus(path: Path, rows: list[tuple[str, str]]) -> Path:
+    pq.write_table(pa.table({"url": [u for u, _ in rows], "caption": [c for _, c in rows]}), path)
+    return path
+
+
+def write_config(path: Path, corpus: Path, **sections) -> Path:
+    cfg = {
+        "input": {"path": str(corpus), "format": "parquet"},
+        "shards": {"samples_per_shard": 4},
+        "download": {"concurrency": 4, "timeout": 2.0, "retries": 1, "backoff": 0.05},
+        "image": {"min_side": 64},
+        "runner": {"max_workers": 2},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def check_run_consistent(run_dir: Path, n_expected: int) -> pa.Table:
+    """Every planned sample appears exactly once; tars hold exactly the ok samples; stats add up."""
+    table = read_records(run_dir / "shards")
+    keys = table.column("key").to_pylist()
+    assert len(keys) == n_expected == len(set(keys))
+    ok_keys = {k for k, s in zip(keys, table.column("status").to_pylist()) if s == records.OK}
+    tar_keys: list[str] = []
+    for tar_path in sorted((run_dir / "shards").glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            tar_keys += [m.name.split(".")[0] for m in tar.getmembers() if m.name.endswith(".json")]
+    assert sorted(tar_keys) == sorted(ok_keys)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["n_samples"] == n_expected and summary["n_ok"] == len(ok_keys)
+    return table
+
+
+def test_cli_run_records_every_sample(tmp_path, web, web_root, cli_env):
+    photos = sorted(p.name for p in web_root.glob("*.jpg"))[:6]
+    rows = [(web.url(name), f"photo {i}") for i, name in enumerate(photos)]
+    rows += [
+        (web.url("status/404"), "gone"),
+        (web.url("as/image/jpeg/page.html"), "a web page"),
+        (web.url("coffee.png"), "coffee"),
+        (rows[0][0], "repeat"),
+    ]
+    corpus = write_corpus(tmp_path / "corpus.parquet", rows)
+    cfg = write_config(tmp_path / "run.yaml", corpus)
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(facedata_cmd("run", str(cfg), "--output", str(run_dir), "--no-progress"),
+                          env=cli_env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = check_run_consistent(run_dir, len(rows))
+    status = dict(zip(table.column("caption").to_pylist(), table.column("status").to_pylist()))
+    assert status["gone"] == "http_404"
+    assert status["a web page"] == records.NOT_IMAGE
+    assert status["repeat"] == records.DUPLICATE_URL
+    assert status["coffee"] == records.OK
+    assert all(status[f"photo {i}"] == records.OK for i in range(6))
+    assert "http_404" in proc.stdout and "ok" in proc.stdout
+    assert (run_dir / "contact_sheet.png").stat().st_size > 0
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["input"]["path"] == str(corpus)
+
+
+def test_kill_mid_run_then_resume(tmp_path, web, web_root, cli_env):
+    """SIGKILL the flow mid-shard; the rerun keeps finished shards and ends with every sample once."""
+    photos = sorted(p.name for p in web_root.glob("*.jpg"))
+    # Each request takes 0.3 s, so the run lasts long enough to be killed half-way.
+    rows = [(web.url(f"slow/0.3/{name}"), f"photo {i}") for i, name in enumerate(photos)]
+    rows.append((web.url("status/500"), "always broken"))
+    corpus = write_corpus(tmp_path / "corpus.parquet", rows)
+    cfg = write_config(tmp_path / "run.yaml", corpus, download={"concurrency": 2, "retries": 0},
+                       runner={"max_workers": 1})
+    run_dir = tmp_path / "run"
+    shard_dir = run_dir / "shards"
+    n_shards = -(-len(rows) // 4)
+    cmd = facedata_cmd("run", str(cfg), "--output", str(run_dir), "--no-progress")
+    proc = subprocess.Popen(cmd, env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 180
+    while len(list(shard_dir.glob("*.stats.json"))) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = {p.name: p.stat().st_mtime_ns for p in shard_dir.glob("*.stats.json")}
+    assert 2 <= len(done_before) < n_shards, "the kill should land mid-run"
+    assert not (run_dir / "summary.json").exists()
+
+    rerun = subprocess.run(cmd, env=cli_env, capture_output=True, text=True, timeout=240)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    for name, mtime in done_before.items():  # finished shards were skipped, not redone
+        assert (shard_dir / name).stat().st_mtime_ns == mtime
+    table = check_run_consistent(run_dir, len(rows))
+    assert sorted(table.column("status").to_pylist()).count(records.OK) == len(photos)
+    assert not list(shard_dir.glob(".*.tmp")), "no temp files left behind"
+
+
+def test_bad_config_gives_one_line_error(tmp_path, cli_env):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("input:\n  path: x.parquet\ndownload:\n  timeout: soon\n")
+    proc = subprocess.run(facedata_cmd("run", str(cfg)), env=cli_env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert str(cfg) in lines[0] and "download.timeout" in lines[0] and "number" in lines[0]
+
+
+def test_missing_input_gives_one_line_error(tmp_path, cli_env):
+    cfg = write_config(tmp_path / "run.yaml", tmp_path / "nowhere.parquet")
+    proc = subprocess.run(facedata_cmd("run", str(cfg), "--output", str(tmp_path / "run")), env=cli_env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2
+    assert "nowhere.parquet" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["demo", "--help"]])
+def test_help(args):
+    proc = subprocess.run(facedata_cmd(*args), capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 0 and "usage: facedata" in proc.stdout
+
+
+def test_demo_end_to_end(tmp_path, cli_env):
+    """The embedded demo: every corpus entry ends with the status the demo expects for it."""
+    out = tmp_path / "demo"
+    proc = subprocess.run(facedata_cmd("demo", "--output", str(out), "--no-progress"), env=cli_env,
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    corpus = pq.read_table(out / "corpus.parquet").to_pylist()
+    table = check_run_consistent(out / "run", len(corpus)).sort_by("key")
+    # Keys are the corpus row numbers, so record i is corpus row i.
+    assert table.column("key").to_pylist() == [f"{i:09d}" for i in range(len(corpus))]
+    for row, status in zip(corpus, table.column("status").to_pylist()):
+        assert status == row["expected_status"], row
+    assert (out / "run" / "contact_sheet.png").exists()
+    assert "timeout" in proc.stdout and "opted_out" in proc.stdout
