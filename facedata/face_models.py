@@ -43,6 +43,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from facedata.config import FaceConfig
+from facedata.errors import UserError
 
 # Candidate faces need this detector score; the face filter's min_score decides what counts.
 DET_THRESHOLD = 0.5
@@ -66,7 +67,7 @@ _THREADS_ENV = "FACEDATA_ORT_THREADS"
 _INSIGHTFACE_LICENCE = "InsightFace non-commercial research only"
 
 
-class ModelNotFoundError(ValueError):
+class ModelNotFoundError(UserError):
     """A model file is missing; the message is one line naming the file and how to get it."""
 
 

@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 
 from facedata import records
 from facedata.config import InputConfig
+from facedata.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ _IMAGE_BATCH_ROWS = 256
 _SHARD_FILE = re.compile(r"^\d{5,}\.parquet(\.tmp)?$")
 
 
-class InputError(ValueError):
+class InputError(UserError):
     """An input problem, phrased as one line that names the file and the column or field."""
 
 

@@ -32,3 +32,12 @@ BAD_ASPECT = "bad_aspect"  # aspect ratio over image.max_aspect
 
 def http_status(code: int) -> str:
     return f"http_{code}"
+
+
+# Face problems (found by the face stage in images that passed every stage before it).
+NO_FACE = "no_face"  # no face scores at least faces.filter.min_score
+TOO_FEW_FACES = "too_few_faces"  # fewer than faces.filter.min_faces
+TOO_MANY_FACES = "too_many_faces"  # more than faces.filter.max_faces
+FACE_TOO_SMALL = "face_too_small"  # primary face's shorter side under faces.filter.min_face_side
+FACE_RATIO_TOO_SMALL = "face_ratio_too_small"  # primary face's area / image area under min_area_ratio
+FACE_POSE = "face_pose"  # primary face's |yaw| over faces.filter.max_abs_yaw

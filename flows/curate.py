@@ -1,7 +1,10 @@
-"""The curation flow: plan shards, process them in parallel, report.
+"""The curation flow: plan shards, download them, find their faces, report.
 
 Only wiring lives here; every stage is a plain function in `facedata/`, testable without Prefect.
 Resume comes from the shards' own done markers, so Prefect's result caching is off.
+
+The shard is the unit of work: each shard's face task takes its download task's result, so it
+starts as soon as that shard is downloaded, while other shards still download.
 """
 
 from __future__ import annotations
@@ -10,12 +13,15 @@ import logging
 from pathlib import Path
 
 import yaml
-from prefect import flow, task, unmapped
+from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from facedata.config import Config
 from facedata.download_stage import run_download_shard
+from facedata.face_models import load_analyzer
+from facedata.face_stage import run_face_shard
 from facedata.reader import ShardPlan, plan_shards
 from facedata.shards import atomic_write_bytes
 from facedata.summary import write_run_report
@@ -35,9 +41,47 @@ def download_shard_task(plan: ShardPlan, cfg: Config, run_dir: str, progress: bo
     return run_download_shard(plan, cfg, Path(run_dir) / "shards", progress=progress)
 
 
+@task(name="face-shard", cache_policy=NO_CACHE, task_run_name="face-shard-{plan.shard_id:05d}")
+def face_shard_task(plan: ShardPlan, downloaded: dict, cfg: Config, run_dir: str, progress: bool) -> dict:
+    # `downloaded` (the download task's stats) is taken only so Prefect runs this task after it.
+    return run_face_shard(plan.shard_id, cfg, Path(run_dir), progress=progress)
+
+
 @task(name="report", cache_policy=NO_CACHE)
 def report_task(cfg: Config, run_dir: str) -> dict:
-    return write_run_report(Path(run_dir), cfg.output.contact_sheet_max, cfg.output.contact_sheet)
+    return write_run_report(
+        Path(run_dir), cfg.faces.enabled, cfg.output.contact_sheet_max, cfg.output.contact_sheet
+    )
+
+
+def _submit_shards(
+    plans: list[ShardPlan], cfg: Config, run_dir: str, progress: bool
+) -> list[tuple[str, ShardPlan, PrefectFuture]]:
+    """Queue every shard's tasks; returns (stage, plan, future) for each.
+
+    The task runner's threads take tasks in the order they were queued, so each shard's face task
+    is queued `max_workers` downloads after its own download: by the time a thread picks it up,
+    that download has usually finished, and the downloads queued after it keep the network busy
+    while it runs. (Queuing all downloads first would hold every face task back to the last one.)
+    """
+    download = download_shard_task.with_options(retries=cfg.runner.task_retries)
+    faces = face_shard_task.with_options(retries=cfg.runner.task_retries)
+    submitted: list[tuple[str, ShardPlan, PrefectFuture]] = []
+    downloads: list[PrefectFuture] = []
+
+    def queue_faces(i: int) -> None:
+        submitted.append(("faces", plans[i], faces.submit(plans[i], downloads[i], cfg, run_dir, progress)))
+
+    lag = cfg.runner.max_workers
+    for i, plan in enumerate(plans):
+        downloads.append(download.submit(plan, cfg, run_dir, progress))
+        submitted.append(("download", plan, downloads[i]))
+        if cfg.faces.enabled and i >= lag:
+            queue_faces(i - lag)
+    if cfg.faces.enabled:
+        for i in range(max(0, len(plans) - lag), len(plans)):
+            queue_faces(i)
+    return submitted
 
 
 @flow(name="curate")
@@ -46,19 +90,24 @@ def curate(config: dict, run_dir: str, progress: bool = True) -> dict:
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(Path(run_dir) / "config.yaml", yaml.safe_dump(config, sort_keys=False).encode())
     plans = plan_shards_task(cfg, run_dir)
-    futures = download_shard_task.with_options(retries=cfg.runner.task_retries).map(
-        plans, unmapped(cfg), unmapped(run_dir), unmapped(progress)
-    )
-    outcomes = [future.result(raise_on_failure=False) for future in futures]
-    failed = [(plan, out) for plan, out in zip(plans, outcomes) if isinstance(out, BaseException)]
+    submitted = _submit_shards(plans, cfg, run_dir, progress)
+    failed = []
+    for stage, plan, future in submitted:
+        future.wait()
+        # Not completed: failed, or (a face task) never started because its download failed.
+        if not future.state.is_completed():
+            failed.append(f"{stage} {plan.shard_id:05d} ({future.state.message})")
     summary = report_task(cfg, run_dir)
     if failed:
-        names = ", ".join(f"{plan.shard_id:05d} ({err})" for plan, err in failed[:5])
-        raise RuntimeError(f"{len(failed)} of {len(plans)} shards failed; rerun to resume: {names}")
+        raise RuntimeError(f"{len(failed)} shard tasks failed; rerun to resume: {', '.join(failed[:5])}")
     return summary
 
 
 def run_curation(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
     """Run the flow with the task runner the config asks for."""
+    if cfg.faces.enabled:
+        # Load the models before the flow starts: a missing file is then one line for the user,
+        # not a crashed flow run and a failed task per shard.
+        load_analyzer(cfg.faces)
     runner = ThreadPoolTaskRunner(max_workers=cfg.runner.max_workers)
     return curate.with_options(task_runner=runner)(cfg.model_dump(mode="json"), str(run_dir), progress)

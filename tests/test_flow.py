@@ -42,19 +42,27 @@ def write_config(path: Path, corpus: Path, **sections) -> Path:
 
 
 def check_run_consistent(run_dir: Path, n_expected: int) -> pa.Table:
-    """Every planned sample appears exactly once; tars hold exactly the ok samples; stats add up."""
-    table = read_records(run_dir / "shards")
-    keys = table.column("key").to_pylist()
+    """Every planned sample appears exactly once, in the download and the face records; tars hold
+    exactly the samples the download kept; the face stage keeps a subset; stats add up. Returns
+    the final (face stage) records."""
+    downloaded = read_records(run_dir / "shards")
+    keys = downloaded.column("key").to_pylist()
     assert len(keys) == n_expected == len(set(keys))
-    ok_keys = {k for k, s in zip(keys, table.column("status").to_pylist()) if s == records.OK}
+    ok_keys = {k for k, s in zip(keys, downloaded.column("status").to_pylist()) if s == records.OK}
     tar_keys: list[str] = []
     for tar_path in sorted((run_dir / "shards").glob("*.tar")):
         with tarfile.open(tar_path) as tar:
             tar_keys += [m.name.split(".")[0] for m in tar.getmembers() if m.name.endswith(".json")]
     assert sorted(tar_keys) == sorted(ok_keys)
+    final = read_records(run_dir / "faces")
+    assert sorted(final.column("key").to_pylist()) == sorted(keys)
+    kept = {k for k, s in zip(final.column("key").to_pylist(), final.column("status").to_pylist()) if s == records.OK}
+    assert kept <= ok_keys
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["n_samples"] == n_expected and summary["n_ok"] == len(ok_keys)
-    return table
+    assert summary["n_samples"] == n_expected and summary["n_ok"] == len(kept)
+    download_step = next(step for step in summary["funnel"] if step["stage"] == "download")
+    assert download_step["kept"] == len(ok_keys)
+    return final
 
 
 def test_cli_run_records_every_sample(tmp_path, web, web_root, cli_env):
@@ -77,9 +85,11 @@ def test_cli_run_records_every_sample(tmp_path, web, web_root, cli_env):
     assert status["gone"] == "http_404"
     assert status["a web page"] == records.NOT_IMAGE
     assert status["repeat"] == records.DUPLICATE_URL
-    assert status["coffee"] == records.OK
-    assert all(status[f"photo {i}"] == records.OK for i in range(6))
-    assert "http_404" in proc.stdout and "ok" in proc.stdout
+    assert status["coffee"] == records.NO_FACE
+    # At 320 px, selfies and portraits show 59-134 px faces; full-length shots 21-28 px.
+    for i, name in enumerate(photos):
+        assert status[f"photo {i}"] == (records.FACE_TOO_SMALL if "posture" in name else records.OK), name
+    assert "http_404" in proc.stdout and "no_face" in proc.stdout and "SCRFD" in proc.stdout
     assert (run_dir / "contact_sheet.png").stat().st_size > 0
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["input"]["path"] == str(corpus)
 
@@ -106,15 +116,20 @@ def test_kill_mid_run_then_resume(tmp_path, web, web_root, cli_env):
     proc.wait()
     done_before = {p.name: p.stat().st_mtime_ns for p in shard_dir.glob("*.stats.json")}
     assert 2 <= len(done_before) < n_shards, "the kill should land mid-run"
+    faces_before = {p.name: p.stat().st_mtime_ns for p in (run_dir / "faces").glob("*.stats.json")}
     assert not (run_dir / "summary.json").exists()
 
     rerun = subprocess.run(cmd, env=cli_env, capture_output=True, text=True, timeout=240)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     for name, mtime in done_before.items():  # finished shards were skipped, not redone
         assert (shard_dir / name).stat().st_mtime_ns == mtime
-    table = check_run_consistent(run_dir, len(rows))
-    assert sorted(table.column("status").to_pylist()).count(records.OK) == len(photos)
-    assert not list(shard_dir.glob(".*.tmp")), "no temp files left behind"
+    for name, mtime in faces_before.items():
+        assert (run_dir / "faces" / name).stat().st_mtime_ns == mtime
+    check_run_consistent(run_dir, len(rows))
+    downloaded = read_records(shard_dir).column("status").to_pylist()
+    assert downloaded.count(records.OK) == len(photos)
+    assert len(list((run_dir / "faces").glob("*.stats.json"))) == n_shards
+    assert not list(shard_dir.glob(".*.tmp")) and not list((run_dir / "faces").glob(".*.tmp")), "temp files left"
 
 
 def test_bad_config_gives_one_line_error(tmp_path, cli_env):
@@ -135,7 +150,7 @@ def test_missing_input_gives_one_line_error(tmp_path, cli_env):
     assert "nowhere.parquet" in proc.stderr.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["demo", "--help"]])
+@pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["demo", "--help"], ["detect", "--help"]])
 def test_help(args):
     proc = subprocess.run(facedata_cmd(*args), capture_output=True, text=True, timeout=60, cwd=REPO)
     assert proc.returncode == 0 and "usage: facedata" in proc.stdout
