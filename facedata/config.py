@@ -120,6 +120,25 @@ class IdentityConfig(_Section):
         0.35, ge=-1, le=1, description="Faces less similar than this to their cluster's centre are outliers."
     )
     seed: int = 0
+    # Cleaning, each switchable and counted in the funnel.
+    enabled: bool = True
+    drop_near_duplicates: bool = True
+    # Primary faces of two images at least this similar are one shot (re-encoded, resized, mirrored:
+    # 0.92-0.99 here); distinct photos of one person sat at 0.5-0.9.
+    near_duplicate_threshold: float = Field(0.95, gt=0, le=1)
+    drop_outliers: bool = True
+    max_images_per_identity: int | None = Field(None, ge=1, description="None: no cap.")
+    drop_singletons: bool = False
+    # A folder of photos (one face each) or .npy embedding files of people who opted out: an image
+    # with any face at least optout_threshold similar to one of them never reaches the output.
+    optout_gallery: str | None = None
+    optout_threshold: float = Field(0.45, gt=0, le=1)
+    # Identity-disjoint split: shares of the images for validation and test (the rest is train).
+    validation_fraction: float = Field(0.1, ge=0, lt=1)
+    test_fraction: float = Field(0.1, ge=0, lt=1)
+    # An input column holding true identity labels: clustering metrics are reported against it.
+    label_col: str | None = None
+    gallery_clusters: int = Field(8, ge=0, description="Largest identities shown in gallery.png.")
 
 
 class RunnerConfig(_Section):
@@ -142,6 +161,7 @@ class Config(_Section):
     download: DownloadConfig = DownloadConfig()
     image: ImageConfig = ImageConfig()
     faces: FaceConfig = FaceConfig()
+    identity: IdentityConfig = IdentityConfig()
     runner: RunnerConfig = RunnerConfig()
     output: OutputConfig = OutputConfig()
 

@@ -11,7 +11,9 @@ URL past the timeout, a truncated JPEG, an HTML page served as image/jpeg, an im
 filter, a panorama past the aspect limit, an opted-out image (X-Robots-Tag: noai) and a repeated URL.
 The face stage then keeps only pictures with a usable face: the scikit-image pictures without a
 person end as no_face, the emotion sheets (sixteen faces) as too_many_faces, and a small snapshot
-of a person far away as face_too_small.
+of a person far away as face_too_small. The identity stage then removes every photo of one person
+who is in the demo's opt-out gallery (optout_match) and a smaller repost of a headshot
+(near_duplicate).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from facedata.webserver import LoopbackServer
 
 log = logging.getLogger(__name__)
 
+# Whose photos the demo's opt-out gallery holds (openpeople's person id, never shown or logged).
+OPTED_OUT_PERSON = "P009"
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 # openpeople asset -> how a web page might describe it ({who} is filled from the person's metadata).
@@ -93,6 +97,8 @@ def build_demo_corpus(web_root: Path) -> list[CorpusEntry]:
             name = f"{person_dir.name.lower()}_{shot}.jpg"
             shutil.copyfile(person_dir / "assets" / f"{shot}.jpg", img_dir / name)
             expect = "too_many_faces" if shot == "emotions_sheet" else "ok"
+            if person_dir.name == OPTED_OUT_PERSON and shot != "emotions_sheet":
+                expect = "optout_match"
             entries.append(CorpusEntry(f"img/{name}", template.format(who=who), expect))
 
     skimage_data = _package_dir("skimage") / "data"
@@ -109,6 +115,9 @@ def build_demo_corpus(web_root: Path) -> list[CorpusEntry]:
     with Image.open(img_dir / "p005_amateur_posture.jpg") as im:
         # A person far away: 300 x 447 px, the face about 40 px, under min_face_side.
         im.convert("RGB").resize((300, 447), Image.Resampling.LANCZOS).save(img_dir / "far_away.jpg", quality=90)
+    with Image.open(img_dir / "p006_studio_portrait.jpg") as im:
+        # The same shot again, smaller and re-encoded: the identity stage keeps the larger one.
+        im.convert("RGB").resize((700, 700), Image.Resampling.LANCZOS).save(img_dir / "repost.jpg", quality=80)
     (web_root / "article.html").write_text("<html><body><p>Not an image.</p></body></html>")
     entries += [
         CorpusEntry("status/404", "Photo that has since been deleted", "http_404"),
@@ -120,8 +129,19 @@ def build_demo_corpus(web_root: Path) -> list[CorpusEntry]:
         CorpusEntry("img/far_away.jpg", "Small snapshot of a person far away", "face_too_small"),
         CorpusEntry("optout/noai/img/p004_studio_portrait.jpg", "Portrait whose site opts out of AI use", "opted_out"),
         CorpusEntry(portrait, "The same headshot linked a second time", "duplicate_url"),
+        CorpusEntry("img/repost.jpg", "Smaller copy of a studio headshot reposted elsewhere", "near_duplicate"),
     ]
     return entries
+
+
+def build_optout_gallery(folder: Path) -> Path:
+    """One person asked to be left out: a photo of them that is not in the corpus."""
+    folder.mkdir(parents=True, exist_ok=True)
+    person = _package_dir("openpeople") / "data" / "curated" / OPTED_OUT_PERSON
+    with Image.open(person / "assets" / "character_sheet.jpg") as im:
+        # The sheet's front view (top left), cropped so the photo holds one face.
+        im.convert("RGB").crop((30, 70, 560, 660)).save(folder / "request-0001.jpg", quality=90)
+    return folder
 
 
 def write_corpus(entries: list[CorpusEntry], server: LoopbackServer, path: Path) -> Path:
@@ -147,7 +167,9 @@ def run_demo(output: Path, progress: bool = True) -> dict:
     with LoopbackServer(output / "web") as server:
         corpus = write_corpus(entries, server, (output / "corpus.parquet").resolve())
         log.info("demo corpus: %d entries served at %s", len(entries), server.url(""))
-        cfg = load_config(DEMO_CONFIG, [f"input.path={corpus}", f"output.dir={output / 'run'}"])
+        gallery = build_optout_gallery(output / "optout")
+        cfg = load_config(DEMO_CONFIG, [f"input.path={corpus}", f"output.dir={output / 'run'}",
+                                        f"identity.optout_gallery={gallery.resolve()}"])
         summary = run_curation(cfg, Path(cfg.output.dir), progress=progress)
     print(format_summary(summary))
     print(f"run directory: {cfg.output.dir}")

@@ -41,3 +41,10 @@ TOO_MANY_FACES = "too_many_faces"  # more than faces.filter.max_faces
 FACE_TOO_SMALL = "face_too_small"  # primary face's shorter side under faces.filter.min_face_side
 FACE_RATIO_TOO_SMALL = "face_ratio_too_small"  # primary face's area / image area under min_area_ratio
 FACE_POSE = "face_pose"  # primary face's |yaw| over faces.filter.max_abs_yaw
+
+# Identity problems (found by the identity stage across all shards).
+OPTOUT_MATCH = "optout_match"  # a face matches the opt-out gallery
+NEAR_DUPLICATE = "near_duplicate"  # another image of the same face, better by resolution/sharpness/score
+IDENTITY_OUTLIER = "identity_outlier"  # primary face far from its identity's centre
+IDENTITY_CAP = "identity_cap"  # over identity.max_images_per_identity
+SINGLETON_IDENTITY = "singleton_identity"  # the only image of its identity (identity.drop_singletons)

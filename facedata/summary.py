@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 from facedata import records
 from facedata.contact_sheet import Box, make_contact_sheet
 from facedata.face_stage import face_dir
+from facedata.identity_stage import DONE_FILE, identity_dir, is_identity_done
 from facedata.shards import write_json
 
 
@@ -80,6 +81,22 @@ def summarize_run(run_dir: Path, faces: bool) -> dict:
             first = next(iter(face_stats.values()))
             summary["models"] = first["models"]
             summary["embedding_dim"] = first["embedding_dim"]
+    if faces and is_identity_done(run_dir):
+        identity = json.loads((identity_dir(run_dir) / DONE_FILE).read_text())
+        counts = Counter(identity["identity_status_counts"])
+        funnel.append({
+            "stage": "identity",
+            "kept": counts.get(records.OK, 0),
+            "dropped": sum(counts.values()) - counts.get(records.OK, 0),
+            "dropped_by_status": _drops(counts),
+            **{k: identity[k] for k in ("n_identities", "n_singletons", "largest_identity", "n_optout_faces",
+                                        "splits", "seconds")},
+        })
+        summary["status_counts"] = identity["status_counts"]
+        summary["n_ok"] = counts.get(records.OK, 0)
+        summary["identity_gallery"] = identity["gallery"]
+        if "metrics" in identity:
+            summary["identity_metrics"] = identity["metrics"]
     summary["funnel"] = funnel
     return summary
 
@@ -98,6 +115,13 @@ def format_summary(summary: dict) -> str:
         f"{summary['n_ok']} kept of {summary['n_samples']} in {summary['n_shards']} shards; "
         f"{summary['bytes_downloaded'] / 1e6:.1f} MB read, {summary['bytes_stored'] / 1e6:.1f} MB stored"
     )
+    identity = next((step for step in summary["funnel"] if step["stage"] == "identity"), None)
+    if identity:
+        splits = ", ".join(f"{name} {v['images']} images/{v['identities']} identities"
+                           for name, v in identity["splits"].items())
+        lines.append(f"{identity['n_identities']} identities ({identity['n_singletons']} singletons); {splits}")
+        if identity["n_optout_faces"]:
+            lines.append(f"{identity['n_optout_faces']} faces matched the opt-out gallery and were removed")
     faces = next((step for step in summary["funnel"] if step["stage"] == "faces"), None)
     if faces:
         rate = f"; {faces['images_per_second']:.1f} images/s per face task" if faces["images_per_second"] else ""
@@ -114,9 +138,12 @@ def iter_kept_samples(run_dir: Path, limit: int, faces: bool) -> Iterator[tuple[
     come from its records.
     """
     run_dir = Path(run_dir)
-    records_dir = face_dir(run_dir) if faces else run_dir / "shards"
+    if faces:
+        records_dir = identity_dir(run_dir) if is_identity_done(run_dir) else face_dir(run_dir)
+    else:
+        records_dir = run_dir / "shards"
     produced = 0
-    for shard_id in _stats_files(records_dir):
+    for shard_id in _stats_files(run_dir / "shards"):
         name = f"{shard_id:05d}"
         columns = ["key", "status", "caption", "ext"] + (["width", "height", "faces"] if faces else [])
         table = pq.read_table(records_dir / f"{name}.parquet", columns=columns)

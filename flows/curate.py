@@ -22,6 +22,7 @@ from facedata.config import Config
 from facedata.download_stage import run_download_shard
 from facedata.face_models import load_analyzer
 from facedata.face_stage import run_face_shard
+from facedata.identity_stage import run_identity_stage
 from facedata.reader import ShardPlan, plan_shards
 from facedata.shards import atomic_write_bytes
 from facedata.summary import write_run_report
@@ -45,6 +46,11 @@ def download_shard_task(plan: ShardPlan, cfg: Config, run_dir: str, progress: bo
 def face_shard_task(plan: ShardPlan, downloaded: dict, cfg: Config, run_dir: str, progress: bool) -> dict:
     # `downloaded` (the download task's stats) is taken only so Prefect runs this task after it.
     return run_face_shard(plan.shard_id, cfg, Path(run_dir), progress=progress)
+
+
+@task(name="identity", cache_policy=NO_CACHE)
+def identity_task(cfg: Config, run_dir: str, shard_ids: list[int]) -> dict:
+    return run_identity_stage(cfg, Path(run_dir), shard_ids)
 
 
 @task(name="report", cache_policy=NO_CACHE)
@@ -97,6 +103,8 @@ def curate(config: dict, run_dir: str, progress: bool = True) -> dict:
         # Not completed: failed, or (a face task) never started because its download failed.
         if not future.state.is_completed():
             failed.append(f"{stage} {plan.shard_id:05d} ({future.state.message})")
+    if cfg.faces.enabled and cfg.identity.enabled and not failed:
+        identity_task(cfg, run_dir, [plan.shard_id for plan in plans])
     summary = report_task(cfg, run_dir)
     if failed:
         raise RuntimeError(f"{len(failed)} shard tasks failed; rerun to resume: {', '.join(failed[:5])}")

@@ -42,9 +42,9 @@ def write_config(path: Path, corpus: Path, **sections) -> Path:
 
 
 def check_run_consistent(run_dir: Path, n_expected: int) -> pa.Table:
-    """Every planned sample appears exactly once, in the download and the face records; tars hold
-    exactly the samples the download kept; the face stage keeps a subset; stats add up. Returns
-    the final (face stage) records."""
+    """Every planned sample appears exactly once, in the download and the final records; tars hold
+    exactly the samples the download kept; later stages keep a subset; stats add up. Returns the
+    final records (the identity stage's when it ran, else the face stage's)."""
     downloaded = read_records(run_dir / "shards")
     keys = downloaded.column("key").to_pylist()
     assert len(keys) == n_expected == len(set(keys))
@@ -54,7 +54,12 @@ def check_run_consistent(run_dir: Path, n_expected: int) -> pa.Table:
         with tarfile.open(tar_path) as tar:
             tar_keys += [m.name.split(".")[0] for m in tar.getmembers() if m.name.endswith(".json")]
     assert sorted(tar_keys) == sorted(ok_keys)
-    final = read_records(run_dir / "faces")
+    identity = run_dir / "identity"
+    if (identity / "identity.json").exists():
+        final = pa.concat_tables([pq.read_table(p) for p in sorted(identity.glob("0*.parquet"))],
+                                 promote_options="permissive")
+    else:
+        final = read_records(run_dir / "faces")
     assert sorted(final.column("key").to_pylist()) == sorted(keys)
     kept = {k for k, s in zip(final.column("key").to_pylist(), final.column("status").to_pylist()) if s == records.OK}
     assert kept <= ok_keys

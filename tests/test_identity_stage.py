@@ -1,0 +1,201 @@
+"""The identity stage on a real run: openpeople's ten people, through the real download and face
+stages, then clustering, cleaning, opt-out and splits."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from facedata import records
+from facedata.config import config_from_dict
+from facedata.download_stage import run_download_shard
+from facedata.errors import UserError
+from facedata.face_stage import run_face_shard
+from facedata.identity_stage import identity_dir, run_identity_stage
+from facedata.reader import plan_shards
+from facedata.shards import read_records
+from facedata.webserver import LoopbackServer
+from tests.conftest import package_dir
+
+SHOTS = ("studio_portrait", "amateur_selfie", "amateur_posture", "studio_posture")
+PEOPLE = [f"P{i:03d}" for i in range(1, 11)]
+
+
+def person_photo(person: str, shot: str) -> Path:
+    return package_dir("openpeople") / "data" / "curated" / person / "assets" / f"{shot}.jpg"
+
+
+def make_config(run_input: Path, **identity):
+    return config_from_dict({
+        "input": {"path": str(run_input), "format": "parquet"},
+        "download": {"timeout": 5.0, "retries": 0},
+        "image": {"resize_max_side": 800},
+        "identity": {"label_col": "person", **identity},
+    })
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """A finished download + face stage over 10 people x 4 photos, a repost, an astronaut."""
+    root = tmp_path_factory.mktemp("identity_web")
+    rows = []
+    for person in PEOPLE:
+        for shot in SHOTS:
+            with Image.open(person_photo(person, shot)) as im:
+                im.convert("RGB").resize((im.width // 2, im.height // 2)).save(root / f"{person}_{shot}.jpg", quality=90)
+            rows.append((f"{person}_{shot}.jpg", person))
+    with Image.open(root / "P006_studio_portrait.jpg") as im:  # the same shot, smaller
+        im.resize((600, 600), Image.Resampling.LANCZOS).save(root / "repost.jpg", quality=80)
+    rows.append(("repost.jpg", "P006"))
+    shutil.copy(package_dir("skimage") / "data" / "astronaut.png", root / "astronaut.png")
+    rows.append(("astronaut.png", "astronaut"))
+    run = tmp_path_factory.mktemp("identity_run")
+    with LoopbackServer(root) as server:
+        pq.write_table(pa.table({"url": [server.url(name) for name, _ in rows],
+                                 "caption": [f"photo of {p}" for _, p in rows],
+                                 "person": [p for _, p in rows]}), run / "corpus.parquet")
+        cfg = make_config(run / "corpus.parquet")
+        plans = plan_shards(cfg.input, 16, run / "_plan")
+        for plan in plans:
+            run_download_shard(plan, cfg, run / "shards", progress=False)
+            run_face_shard(plan.shard_id, cfg, run, progress=False)
+    return run, [p.shard_id for p in plans]
+
+
+def fresh_copy(base_run, tmp_path) -> Path:
+    run, _ = base_run
+    target = tmp_path / "run"
+    for part in ("shards", "faces"):
+        shutil.copytree(run / part, target / part)
+    return target
+
+
+def final_rows(run) -> list[dict]:
+    return [row for path in sorted(identity_dir(run).glob("0*.parquet")) for row in pq.read_table(path).to_pylist()]
+
+
+def test_identities_match_the_people(base_run, tmp_path):
+    run = fresh_copy(base_run, tmp_path)
+    report = run_identity_stage(make_config(run / "corpus.parquet"), run, base_run[1])
+    assert report["metrics"]["pairwise_f"] >= 0.95
+    rows = [r for r in final_rows(run) if r["identity_id"] is not None]
+    by_person: dict[str, set] = {}
+    for row in rows:
+        by_person.setdefault(row["person"], set()).add(row["identity_id"])
+    owners: dict[int, set] = {}
+    for person, ids in by_person.items():
+        for identity in ids:
+            owners.setdefault(identity, set()).add(person)
+    assert all(len(people) == 1 for people in owners.values()), "two people merged"
+    assert all(len(by_person[p]) == 1 for p in PEOPLE), "a person split"
+    assert report["n_identities"] == 11  # ten people and the astronaut
+
+
+def test_cleaning_near_duplicate_splits_and_statuses(base_run, tmp_path):
+    run = fresh_copy(base_run, tmp_path)
+    report = run_identity_stage(make_config(run / "corpus.parquet"), run, base_run[1])
+    rows = {r["url"].rsplit("/", 1)[1]: r for r in final_rows(run)}
+    assert rows["repost.jpg"]["status"] == records.NEAR_DUPLICATE
+    assert rows["P006_studio_portrait.jpg"]["status"] == records.OK  # the larger copy stays
+    kept = [r for r in rows.values() if r["status"] == records.OK]
+    assert report["identity_status_counts"] == {"ok": len(kept), "near_duplicate": 1}
+    split_of: dict[int, set] = {}
+    for row in kept:
+        split_of.setdefault(row["identity_id"], set()).add(row["split"])
+    assert all(len(s) == 1 for s in split_of.values()), "an identity crosses splits"
+    assert {s for (s,) in split_of.values()} == {"train", "validation", "test"}
+    assert all(r["split"] is None for r in rows.values() if r["status"] != records.OK)
+    face_ids = rows["P001_studio_portrait.jpg"]["face_identity_ids"]
+    assert rows["P001_studio_portrait.jpg"]["identity_id"] in face_ids
+    assert (identity_dir(run) / "gallery.png").stat().st_size > 0
+
+
+def test_cap_and_singletons(base_run, tmp_path):
+    run = fresh_copy(base_run, tmp_path)
+    cfg = make_config(run / "corpus.parquet", max_images_per_identity=2, drop_singletons=True,
+                      drop_near_duplicates=False)
+    run_identity_stage(cfg, run, base_run[1])
+    rows = final_rows(run)
+    status = {r["url"].rsplit("/", 1)[1]: r["status"] for r in rows}
+    assert status["astronaut.png"] == records.SINGLETON_IDENTITY
+    kept_per_identity: dict[int, int] = {}
+    for row in rows:
+        if row["status"] == records.OK:
+            kept_per_identity[row["identity_id"]] = kept_per_identity.get(row["identity_id"], 0) + 1
+    assert max(kept_per_identity.values()) == 2 and len(kept_per_identity) == 10
+    capped = [r for r in rows if r["status"] == records.IDENTITY_CAP]
+    assert len(capped) == 10 * len(SHOTS) + 1 - 20  # P006 has one more image: the repost
+
+
+def test_optout_gallery_removes_every_image_of_that_person(base_run, tmp_path):
+    run = fresh_copy(base_run, tmp_path)
+    gallery = tmp_path / "optout"
+    gallery.mkdir()
+    with Image.open(person_photo("P003", "character_sheet")) as im:  # not one of the run's photos
+        im.convert("RGB").crop((30, 70, 560, 660)).save(gallery / "request.jpg")
+    report = run_identity_stage(make_config(run / "corpus.parquet", optout_gallery=str(gallery)), run, base_run[1])
+    rows = final_rows(run)
+    p3 = [r["status"] for r in rows if r["person"] == "P003"]
+    assert p3 == [records.OPTOUT_MATCH] * len(SHOTS)
+    assert sum(r["status"] == records.OPTOUT_MATCH for r in rows) == len(SHOTS)
+    assert report["n_optout_faces"] == len(SHOTS)
+    assert all(r["identity_id"] is None for r in rows if r["person"] == "P003")
+
+
+def test_optout_photo_without_a_face_and_wrong_dimension(base_run, tmp_path):
+    run = fresh_copy(base_run, tmp_path)
+    gallery = tmp_path / "optout"
+    gallery.mkdir()
+    shutil.copy(package_dir("skimage") / "data" / "coffee.png", gallery / "coffee.png")
+    with pytest.raises(UserError, match="coffee.png: no usable face"):
+        run_identity_stage(make_config(run / "corpus.parquet", optout_gallery=str(gallery)), run, base_run[1])
+    (gallery / "coffee.png").unlink()
+    np.save(gallery / "vectors.npy", np.ones((2, 128), np.float32))
+    with pytest.raises(UserError, match="vectors.npy: opt-out embeddings have dimension 128"):
+        run_identity_stage(make_config(run / "corpus.parquet", optout_gallery=str(gallery)), run, base_run[1])
+
+
+def test_shard_with_wrong_embedding_dimension_is_named(base_run, tmp_path):
+    run = fresh_copy(base_run, tmp_path)
+    shard_ids = base_run[1]
+    bad = run / "faces" / f"{shard_ids[-1]:05d}.embeddings.npy"
+    n = len(np.load(bad))
+    np.save(bad, np.ones((n, 128), np.float16))
+    with pytest.raises(UserError, match=f"{shard_ids[-1]:05d}.embeddings.npy: embeddings have dimension 128"):
+        run_identity_stage(make_config(run / "corpus.parquet"), run, shard_ids)
+
+
+def test_rerun_is_deterministic_and_done_stage_is_skipped(base_run, tmp_path):
+    first = fresh_copy(base_run, tmp_path / "a")
+    second = fresh_copy(base_run, tmp_path / "b")
+    cfg = make_config(first / "corpus.parquet")
+    run_identity_stage(cfg, first, base_run[1])
+    run_identity_stage(cfg, second, base_run[1])
+    drop = ["url"]
+    a = read_records(first / "shards")  # same inputs
+    assert a.num_rows == read_records(second / "shards").num_rows
+    for path in sorted(identity_dir(first).glob("0*.parquet")):
+        assert pq.read_table(path).drop(drop).equals(pq.read_table(identity_dir(second) / path.name).drop(drop))
+    done = identity_dir(first) / "identity.json"
+    mtime = done.stat().st_mtime_ns
+    run_identity_stage(cfg, first, base_run[1])
+    assert done.stat().st_mtime_ns == mtime
+
+
+def test_no_faces_at_all(base_run, tmp_path):
+    run = fresh_copy(base_run, tmp_path)
+    for path in (run / "faces").glob("*.embeddings.npy"):
+        np.save(path, np.zeros((0, 512), np.float16))
+    for path in (run / "faces").glob("*.parquet"):
+        table = pq.read_table(path)
+        table = table.set_column(table.column_names.index("faces"), "faces",
+                                 pa.nulls(table.num_rows, table.schema.field("faces").type))
+        pq.write_table(table, path)
+    report = run_identity_stage(make_config(run / "corpus.parquet"), run, base_run[1])
+    assert report["n_faces"] == 0 and report["n_identities"] == 0
