@@ -142,8 +142,9 @@ class IdentityConfig(_Section):
 
 
 class RunnerConfig(_Section):
-    # Prefect task runner for the shard tasks.
-    kind: Literal["thread"] = "thread"
+    # Prefect task runner for the shard tasks. thread: all shards in one process (one GIL, ~1
+    # core); process: one worker process per shard slot, so max_workers shards use that many cores.
+    kind: Literal["thread", "process"] = "thread"
     # Shards processed at once.
     max_workers: int = Field(2, gt=0)
     task_retries: int = Field(1, ge=0)

@@ -5,27 +5,28 @@ Resume comes from the shards' own done markers, so Prefect's result caching is o
 
 The shard is the unit of work: each shard's face task takes its download task's result, so it
 starts as soon as that shard is downloaded, while other shards still download.
+
+Stage modules are imported inside the tasks: with `runner.kind: process` every worker process
+imports this module, and a worker that only downloads should not load onnxruntime, OpenCV and
+faiss (~120 MiB and a second of CPU each).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import yaml
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.settings import PREFECT_API_URL
+from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
-from facedata.config import Config
-from facedata.download_stage import run_download_shard
-from facedata.face_models import load_analyzer
-from facedata.face_stage import run_face_shard
-from facedata.identity_stage import run_identity_stage
+from facedata.config import Config, RunnerConfig
 from facedata.reader import ShardPlan, plan_shards
 from facedata.shards import atomic_write_bytes
-from facedata.summary import write_run_report
 
 log = logging.getLogger("facedata.flow")
 
@@ -39,22 +40,30 @@ def plan_shards_task(cfg: Config, run_dir: str) -> list[ShardPlan]:
 
 @task(name="download-shard", cache_policy=NO_CACHE, task_run_name="download-shard-{plan.shard_id:05d}")
 def download_shard_task(plan: ShardPlan, cfg: Config, run_dir: str, progress: bool) -> dict:
+    from facedata.download_stage import run_download_shard
+
     return run_download_shard(plan, cfg, Path(run_dir) / "shards", progress=progress)
 
 
 @task(name="face-shard", cache_policy=NO_CACHE, task_run_name="face-shard-{plan.shard_id:05d}")
 def face_shard_task(plan: ShardPlan, downloaded: dict, cfg: Config, run_dir: str, progress: bool) -> dict:
     # `downloaded` (the download task's stats) is taken only so Prefect runs this task after it.
+    from facedata.face_stage import run_face_shard
+
     return run_face_shard(plan.shard_id, cfg, Path(run_dir), progress=progress)
 
 
 @task(name="identity", cache_policy=NO_CACHE)
 def identity_task(cfg: Config, run_dir: str, shard_ids: list[int]) -> dict:
+    from facedata.identity_stage import run_identity_stage
+
     return run_identity_stage(cfg, Path(run_dir), shard_ids)
 
 
 @task(name="report", cache_policy=NO_CACHE)
 def report_task(cfg: Config, run_dir: str) -> dict:
+    from facedata.summary import write_run_report
+
     return write_run_report(
         Path(run_dir), cfg.faces.enabled, cfg.output.contact_sheet_max, cfg.output.contact_sheet
     )
@@ -65,8 +74,8 @@ def _submit_shards(
 ) -> list[tuple[str, ShardPlan, PrefectFuture]]:
     """Queue every shard's tasks; returns (stage, plan, future) for each.
 
-    The task runner's threads take tasks in the order they were queued, so each shard's face task
-    is queued `max_workers` downloads after its own download: by the time a thread picks it up,
+    The task runner's workers take tasks in the order they were queued, so each shard's face task
+    is queued `max_workers` downloads after its own download: by the time a worker picks it up,
     that download has usually finished, and the downloads queued after it keep the network busy
     while it runs. (Queuing all downloads first would hold every face task back to the last one.)
     """
@@ -111,11 +120,47 @@ def curate(config: dict, run_dir: str, progress: bool = True) -> dict:
     return summary
 
 
+def task_runner(cfg: RunnerConfig) -> TaskRunner:
+    """The Prefect task runner for the shard tasks.
+
+    thread: one process; the download threads of every shard share one GIL, so about one core.
+    process: one spawned worker process per shard slot (Prefect's ProcessPoolTaskRunner), each
+    with its own GIL. Workers live for the whole run, so their start-up (imports, a few seconds)
+    is paid once, and a worker that runs face tasks loads the models once.
+    """
+    if cfg.kind == "process":
+        _share_api_server()
+        # Spawned workers start with default logging; give them this process's level for our logs.
+        facedata_log = logging.getLogger("facedata")
+        return ProcessPoolTaskRunner(
+            max_workers=cfg.max_workers, initializer=facedata_log.setLevel, initargs=(facedata_log.level,)
+        )
+    return ThreadPoolTaskRunner(max_workers=cfg.max_workers)
+
+
+def _share_api_server() -> None:
+    """Point worker processes at this process's Prefect API server.
+
+    Without an API URL each worker would start an ephemeral server of its own (~200 MiB and
+    seconds of start-up each). Workers inherit this process's environment, so the URL of the
+    ephemeral server, started here now rather than lazily by the flow, is put there.
+    """
+    if PREFECT_API_URL.value():
+        return  # the user's own server
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the same instance the flow's client uses
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url
+
+
 def run_curation(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
     """Run the flow with the task runner the config asks for."""
     if cfg.faces.enabled:
+        from facedata.face_models import load_analyzer
+
         # Load the models before the flow starts: a missing file is then one line for the user,
         # not a crashed flow run and a failed task per shard.
         load_analyzer(cfg.faces)
-    runner = ThreadPoolTaskRunner(max_workers=cfg.runner.max_workers)
+    runner = task_runner(cfg.runner)
     return curate.with_options(task_runner=runner)(cfg.model_dump(mode="json"), str(run_dir), progress)

@@ -206,6 +206,19 @@ def test_truncated_files_are_decode_errors(coffee):
         assert "\n" not in result.error
 
 
+@pytest.mark.parametrize("fraction", [0.1, 0.5, 0.9, 0.99])
+def test_truncated_jpeg_kept_as_is_is_still_a_decode_error(fraction):
+    # A plain RGB JPEG stored unchanged is only checked at 1/8 scale; that check must still
+    # read every entropy-coded byte, as the full decode that re-encoding needs does.
+    data = SELFIE.read_bytes()
+    assert process_image(data, ImageConfig()).data == data  # the reduced-scale path
+    cut = data[: int(len(data) * fraction)]
+    for cfg in (ImageConfig(), ImageConfig(reencode="always")):
+        result = process_image(cut, cfg)
+        assert result.status == records.DECODE_ERROR, (cfg.reencode, result.error)
+        assert result.data is None and result.width is None
+
+
 def test_random_bytes():
     data = random.Random(7).randbytes(5000)
     result = process_image(data, ImageConfig())
