@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
 from facedata.imaging import ImageError, decode_rgb
+from facedata.shards import atomic_path
 
 # Pillow's default limit: items have normally passed the image stage already.
 _MAX_PIXELS = 89_478_485
@@ -144,13 +143,7 @@ def make_contact_sheet(
             draw.text((x, y + thumb + _PAD // 2 + n * line_height), line, font=font, fill=_TEXT)
 
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     image_format = Image.registered_extensions().get(out_path.suffix.lower(), "PNG")
-    tmp_path = out_path.with_name(f".{out_path.name}.{uuid.uuid4().hex}.tmp")
-    try:
+    with atomic_path(out_path) as tmp_path:
         sheet.save(tmp_path, format=image_format)
-        os.replace(tmp_path, out_path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
     return out_path

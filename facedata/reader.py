@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 from facedata import records
 from facedata.config import InputConfig
 from facedata.errors import UserError
+from facedata.shards import write_json
 
 log = logging.getLogger(__name__)
 
@@ -628,7 +629,7 @@ def plan_shards(cfg: InputConfig, samples_per_shard: int, plan_dir: Path) -> lis
         return load_plan(plan_dir)
     plan_dir.mkdir(parents=True, exist_ok=True)
     for stale in plan_dir.iterdir():  # left by a killed planning
-        if _SHARD_FILE.match(stale.name) or stale.name == PLAN_FILE + ".tmp":
+        if _SHARD_FILE.match(stale.name) or (stale.name.startswith(f".{PLAN_FILE}.") and stale.suffix == ".tmp"):
             stale.unlink()
     shards = _write_shards(_iter_source(cfg, source, BATCH_ROWS), samples_per_shard, plan_dir)
     plan = {
@@ -640,9 +641,7 @@ def plan_shards(cfg: InputConfig, samples_per_shard: int, plan_dir: Path) -> lis
         "shards": [{"shard_id": s.shard_id, "file": Path(s.path).name, "n_samples": s.n_samples} for s in shards],
     }
     # Temporary file and rename (shards too): a killed run never leaves a half-written file behind.
-    tmp = plan_file.with_name(PLAN_FILE + ".tmp")
-    tmp.write_text(json.dumps(plan, indent=1) + "\n")
-    os.replace(tmp, plan_file)
+    write_json(plan_file, plan)
     log.info("planned %d samples in %d shards from %s (%s)", plan["n_samples"], len(shards), cfg.path, source.format)
     return shards
 
