@@ -31,7 +31,6 @@ Results are printed as a table and written to benchmarks/_work/download.json.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import multiprocessing
 import os
@@ -59,6 +58,7 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SAMPLE_INTERVAL = 0.1
 
 sys.path.insert(0, str(REPO))
+from facedata.packages import package_dir  # noqa: E402
 from facedata.webserver import LoopbackServer  # noqa: E402
 
 
@@ -70,10 +70,7 @@ def make_pool(pool_dir: Path, size: int = POOL_SIZE, seed: int = 0) -> list[str]
     names = [f"{i:04d}.jpg" for i in range(size)]
     if all((pool_dir / name).exists() for name in names):
         return names
-    spec = importlib.util.find_spec("openpeople")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("benchmark needs the openpeople package (it is in the project's .venv)")
-    sources = sorted(Path(spec.submodule_search_locations[0]).glob("data/curated/*/assets/*.jpg"))
+    sources = sorted(package_dir("openpeople").glob("data/curated/*/assets/*.jpg"))
     pool_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     for i, name in enumerate(names):

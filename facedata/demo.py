@@ -18,7 +18,6 @@ who is in the demo's opt-out gallery (optout_match) and a smaller repost of a he
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import shutil
@@ -30,6 +29,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from facedata.config import load_config
+from facedata.packages import package_dir
 from facedata.webserver import LoopbackServer
 
 log = logging.getLogger(__name__)
@@ -68,13 +68,6 @@ class CorpusEntry:
     expect: str  # the status the demo expects, shown next to the result
 
 
-def _package_dir(name: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"package {name!r} is not installed; run `make setup`")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def _describe_person(meta: dict) -> str:
     demo = meta["character_details"]["demographics"]
     noun = {"female": "a woman", "male": "a man"}.get(demo["sex"], "a person")
@@ -87,7 +80,7 @@ def build_demo_corpus(web_root: Path) -> list[CorpusEntry]:
     img_dir.mkdir(parents=True, exist_ok=True)
     entries: list[CorpusEntry] = []
 
-    people = sorted((_package_dir("openpeople") / "data" / "curated").glob("P*"))
+    people = sorted((package_dir("openpeople") / "data" / "curated").glob("P*"))
     for i, person_dir in enumerate(people):
         who = _describe_person(json.loads((person_dir / "metadata.json").read_text()))
         shots = dict(_PERSON_SHOTS)
@@ -101,7 +94,7 @@ def build_demo_corpus(web_root: Path) -> list[CorpusEntry]:
                 expect = "optout_match"
             entries.append(CorpusEntry(f"img/{name}", template.format(who=who), expect))
 
-    skimage_data = _package_dir("skimage") / "data"
+    skimage_data = package_dir("skimage") / "data"
     for name, (caption, expect) in _SKIMAGE_PICTURES.items():
         shutil.copyfile(skimage_data / name, img_dir / name)
         entries.append(CorpusEntry(f"img/{name}", caption, expect))
@@ -137,7 +130,7 @@ def build_demo_corpus(web_root: Path) -> list[CorpusEntry]:
 def build_optout_gallery(folder: Path) -> Path:
     """One person asked to be left out: a photo of them that is not in the corpus."""
     folder.mkdir(parents=True, exist_ok=True)
-    person = _package_dir("openpeople") / "data" / "curated" / OPTED_OUT_PERSON
+    person = package_dir("openpeople") / "data" / "curated" / OPTED_OUT_PERSON
     with Image.open(person / "assets" / "character_sheet.jpg") as im:
         # The sheet's front view (top left), cropped so the photo holds one face.
         im.convert("RGB").crop((30, 70, 560, 660)).save(folder / "request-0001.jpg", quality=90)

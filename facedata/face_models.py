@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
-import importlib.util
 import math
 import os
 import threading
@@ -44,6 +43,7 @@ from onnx import numpy_helper
 
 from facedata.config import FaceConfig
 from facedata.errors import UserError
+from facedata.packages import package_dir
 
 # Candidate faces need this detector score; the face filter's min_score decides what counts.
 DET_THRESHOLD = 0.5
@@ -497,8 +497,10 @@ class FaceAnalyzer:
 
 def _package_file(package: str, relative: str, install: str) -> tuple[Path, str]:
     """A model file shipped inside an installed package, and the package's version."""
-    spec = importlib.util.find_spec(package)
-    path = Path(next(iter(spec.submodule_search_locations))) / relative if spec else None
+    try:
+        path = package_dir(package) / relative
+    except UserError:
+        path = None
     if path is None or not path.is_file():
         raise ModelNotFoundError(f"face model file {relative} of package {package} not found: {install}")
     return path, importlib.metadata.version(package)

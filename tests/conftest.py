@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -10,13 +9,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from facedata.packages import package_dir
 from facedata.webserver import LoopbackServer
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def package_dir(name: str) -> Path:
-    return Path(next(iter(importlib.util.find_spec(name).submodule_search_locations)))
 
 
 def openpeople_photos() -> list[Path]:

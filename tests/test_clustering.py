@@ -4,7 +4,6 @@ methods on edge cases and synthetic identities, and the default config on real f
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from facedata.cluster_metrics import bcubed_prf, clustering_metrics, n_clusters,
 from facedata.clustering import cluster, cluster_faces, cluster_summary, similarity_graph
 from facedata.config import FaceConfig, IdentityConfig
 from facedata.knn import KnnGraph, build_knn, gpu_available
+from facedata.packages import package_dir
 
 METHODS = ["components", "chinese_whispers"]
 
@@ -289,7 +289,7 @@ def openpeople_faces() -> tuple[np.ndarray, np.ndarray]:
     16-face emotions sheet and 6-view character sheet, labelled with the person id."""
     from facedata.face_models import load_analyzer
 
-    root = Path(next(iter(importlib.util.find_spec("openpeople").submodule_search_locations)))
+    root = package_dir("openpeople")
     analyzer = load_analyzer(FaceConfig())
     embeddings, people = [], []
     for person in sorted((root / "data" / "curated").glob("P*")):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import shutil
 import socket
@@ -20,23 +19,20 @@ from PIL import Image
 from facedata import records
 from facedata.config import DownloadConfig
 from facedata.downloader import Downloader, is_opted_out, parse_retry_after, sniff_image_format
+from facedata.packages import package_dir
 from facedata.webserver import LoopbackServer
 
 FAST = dict(timeout=0.5, retries=2, backoff=0.01, max_retry_after=2.0)
-
-
-def _package_dir(name: str) -> Path:
-    return Path(importlib.util.find_spec(name).submodule_search_locations[0])
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
     """A web root with two real photos, a small PNG and an HTML page."""
     root = tmp_path_factory.mktemp("site")
-    people = _package_dir("openpeople") / "data" / "curated"
+    people = package_dir("openpeople") / "data" / "curated"
     shutil.copy(people / "P001" / "assets" / "amateur_selfie.jpg", root / "selfie.jpg")
     shutil.copy(people / "P002" / "assets" / "studio_portrait.jpg", root / "portrait.jpg")
-    shutil.copy(_package_dir("skimage") / "data" / "chessboard_RGB.png", root / "chess.png")
+    shutil.copy(package_dir("skimage") / "data" / "chessboard_RGB.png", root / "chess.png")
     (root / "page.html").write_text("<!DOCTYPE html><html><body>hello</body></html>\n")
     return root
 
@@ -256,7 +252,7 @@ def test_concurrent_fetches_lose_nothing(server, site):
 
 
 def _encoded(fmt: str) -> bytes:
-    photo = _package_dir("openpeople") / "data" / "curated" / "P003" / "assets" / "studio_portrait.jpg"
+    photo = package_dir("openpeople") / "data" / "curated" / "P003" / "assets" / "studio_portrait.jpg"
     with Image.open(photo) as im:
         small = im.convert("RGB").resize((64, 64))
     buf = io.BytesIO()

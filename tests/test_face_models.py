@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import os
 from pathlib import Path
 
@@ -26,13 +25,10 @@ from facedata.face_models import (
     load_analyzer,
     primary_index,
 )
+from facedata.packages import package_dir
 
 BACKENDS = ["insightface", "yunet_sface"]
 PEOPLE = [f"P{i:03d}" for i in range(1, 11)]
-
-
-def package_dir(name: str) -> Path:
-    return Path(next(iter(importlib.util.find_spec(name).submodule_search_locations))).resolve()
 
 
 @functools.lru_cache(maxsize=None)
