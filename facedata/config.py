@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from facedata.errors import UserError
 
@@ -141,6 +141,59 @@ class IdentityConfig(_Section):
     gallery_clusters: int = Field(8, ge=0, description="Largest identities shown in gallery.png.")
 
 
+class AttributeConfig(_Section):
+    """The attribute models run on each kept image's faces, and which of their outputs count."""
+
+    enabled: bool = True
+    # age_gender: Cydral age/gender ONNX (or a user's insightface genderage.onnx from model_dir);
+    # expression: FER mini-Xception TFLite; parsing: BiSeNet (hair, glasses, hat, jewellery,
+    # beard, mouth); geometry: pose, sharpness, lighting, resolution from the face stage.
+    predictors: list[Literal["age_gender", "expression", "parsing", "geometry"]] = [
+        "age_gender", "expression", "parsing", "geometry"]
+    include: list[str] | None = Field(None, description="Attributes kept; None: the whole vocabulary.")
+    # FaceCaption-15M kept a label when its probability was above 0.85.
+    min_confidence: float = Field(0.85, ge=0, le=1)
+    # Per-attribute thresholds that replace min_confidence, e.g. {hair_color: 0.7}.
+    thresholds: dict[str, float] = {}
+    # FaceCaption-15M kept images whose face had more than 5 valid labels (min_valid_labels: 6).
+    min_valid_labels: int = Field(0, ge=0)
+    max_faces: int = Field(3, ge=1, description="Faces described per image, primary face first.")
+    model_dir: str | None = Field(None, description="A folder with insightface's genderage.onnx.")
+    batch_size: int = Field(32, gt=0)
+    threads: int | None = Field(None, gt=0, description="Threads per model call; None: one per core.")
+
+    @field_validator("include")
+    @classmethod
+    def _known_attributes(cls, names: list[str] | None) -> list[str] | None:
+        for name in names or ():
+            _check_attribute(name)
+        return names
+
+    @field_validator("thresholds")
+    @classmethod
+    def _known_thresholds(cls, thresholds: dict[str, float]) -> dict[str, float]:
+        for name, value in thresholds.items():
+            _check_attribute(name)
+            if not 0 <= value <= 1:
+                raise ValueError(f"threshold of {name!r} must be between 0 and 1 (got {value})")
+        return thresholds
+
+
+def _check_attribute(name: str) -> None:
+    from facedata.attributes.vocabulary import ATTRIBUTES
+
+    if name not in ATTRIBUTES:
+        raise ValueError(f"unknown attribute {name!r}; known: {', '.join(ATTRIBUTES)}")
+
+
+class CaptionConfig(_Section):
+    enabled: bool = True
+    seed: int = Field(0, description="Same seed and attributes, same caption.")
+    # A local text-generation model (transformers, from this path) that rewrites each caption;
+    # a rewrite that drops or adds an attribute is rejected and the composed caption kept.
+    rewriter_model: str | None = None
+
+
 class RunnerConfig(_Section):
     # Prefect task runner for the shard tasks. thread: all shards in one process (one GIL, ~1
     # core); process: one worker process per shard slot, so max_workers shards use that many cores.
@@ -163,6 +216,8 @@ class Config(_Section):
     image: ImageConfig = ImageConfig()
     faces: FaceConfig = FaceConfig()
     identity: IdentityConfig = IdentityConfig()
+    attributes: AttributeConfig = AttributeConfig()
+    captions: CaptionConfig = CaptionConfig()
     runner: RunnerConfig = RunnerConfig()
     output: OutputConfig = OutputConfig()
 

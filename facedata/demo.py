@@ -168,4 +168,6 @@ def run_demo(output: Path, progress: bool = True) -> dict:
     print(f"run directory: {cfg.output.dir}")
     if summary.get("contact_sheet"):
         print(f"contact sheet of kept images: {summary['contact_sheet']}")
+    if summary.get("captions_sheet"):
+        print(f"faces with their captions and attributes: {summary['captions_sheet']}")
     return summary

@@ -48,3 +48,6 @@ NEAR_DUPLICATE = "near_duplicate"  # another image of the same face, better by r
 IDENTITY_OUTLIER = "identity_outlier"  # primary face far from its identity's centre
 IDENTITY_CAP = "identity_cap"  # over identity.max_images_per_identity
 SINGLETON_IDENTITY = "singleton_identity"  # the only image of its identity (identity.drop_singletons)
+
+# Caption problems (found by the attribute stage).
+TOO_FEW_ATTRIBUTES = "too_few_attributes"  # primary face under attributes.min_valid_labels confident labels

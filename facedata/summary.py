@@ -11,6 +11,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from facedata import records
+from facedata.caption_stage import caption_dir
+from facedata.captions import caption_stats
 from facedata.contact_sheet import Box, make_contact_sheet
 from facedata.face_stage import face_dir
 from facedata.identity_stage import DONE_FILE, identity_dir, is_identity_done
@@ -97,8 +99,53 @@ def summarize_run(run_dir: Path, faces: bool) -> dict:
         summary["identity_gallery"] = identity["gallery"]
         if "metrics" in identity:
             summary["identity_metrics"] = identity["metrics"]
+    caption_stats_files = {i: p for i, p in _stats_files(caption_dir(run_dir)).items() if i in downloads} if faces else {}
+    if caption_stats_files:
+        _add_captions(summary, funnel, run_dir, caption_stats_files, len(downloads))
     summary["funnel"] = funnel
     return summary
+
+
+def _add_captions(summary: dict, funnel: list[dict], run_dir: Path, stats_files: dict[int, Path], n_shards: int) -> None:
+    """The caption stage's funnel step, its models, and caption statistics over the whole run."""
+    shard_stats = [json.loads(p.read_text()) for p in stats_files.values()]
+    counts: Counter = Counter()
+    attributes: Counter = Counter()
+    seconds_by_step: Counter = Counter()
+    for stats in shard_stats:
+        counts.update(stats["caption_status_counts"])
+        attributes.update(stats["attribute_counts"])
+        seconds_by_step.update(stats["seconds_by_step"])
+    n_faces = sum(s["n_faces_described"] for s in shard_stats)
+    seconds = sum(s["seconds"] for s in shard_stats)
+    captions: list[str] = []
+    labels: list[int] = []
+    for shard_id in stats_files:
+        table = pq.read_table(caption_dir(run_dir) / f"{shard_id:05d}.parquet", columns=["face_caption", "n_valid_labels"])
+        for caption, n in zip(*(table.column(c).to_pylist() for c in ("face_caption", "n_valid_labels"))):
+            if caption is not None:
+                captions.append(caption)
+                labels.append(n)
+    funnel.append({
+        "stage": "captions",
+        "kept": counts.get(records.OK, 0),
+        "dropped": sum(counts.values()) - counts.get(records.OK, 0),
+        "dropped_by_status": _drops(counts),
+        "shards_done": len(shard_stats),
+        "n_faces_described": n_faces,
+        "attribute_counts": dict(attributes.most_common()),
+        "seconds": round(seconds, 3),
+        "seconds_by_step": {k: round(v, 3) for k, v in seconds_by_step.most_common()},
+        "faces_per_second": round(n_faces / seconds, 2) if seconds else None,
+    })
+    summary["caption_stats"] = caption_stats(captions, labels)
+    summary["attribute_models"] = shard_stats[0]["models"]
+    if len(shard_stats) == n_shards:
+        final: Counter = Counter()
+        for stats in shard_stats:
+            final.update(stats["status_counts"])
+        summary["status_counts"] = dict(final.most_common())
+        summary["n_ok"] = final.get(records.OK, 0)
 
 
 def format_summary(summary: dict) -> str:
@@ -126,26 +173,57 @@ def format_summary(summary: dict) -> str:
     if faces:
         rate = f"; {faces['images_per_second']:.1f} images/s per face task" if faces["images_per_second"] else ""
         lines.append(f"{faces['n_faces']} faces found, {faces['n_embeddings']} embedded{rate}")
+    captions = next((step for step in summary["funnel"] if step["stage"] == "captions"), None)
+    if captions:
+        stats = summary["caption_stats"]
+        rate = f" ({captions['faces_per_second']:.1f} faces/s per caption task)" if captions["faces_per_second"] else ""
+        lines.append(f"{captions['n_faces_described']} faces described{rate}; {stats['n']} captions, "
+                     f"{stats['mean_words']:.1f} words on average, vocabulary {stats['vocabulary']}, "
+                     f"distinct-2 {stats['distinct_2']:.3f}, {stats['duplicate_share']:.1%} exact duplicates")
     for role, info in summary.get("models", {}).items():
         lines.append(f"face {role}: {info['name']} {info['version']} ({info['licence']})")
+    for info in summary.get("attribute_models", {}).values():
+        lines.append(f"attributes: {info['name']} {info['version']} ({info['licence']})")
     return "\n".join(lines)
 
 
-def iter_kept_samples(run_dir: Path, limit: int, faces: bool) -> Iterator[tuple[bytes, str, list[Box]]]:
-    """(image bytes, caption, face boxes) of the first `limit` samples the run kept, in key order.
+def attribute_chips(values: dict, confidences: dict) -> list[str]:
+    """Short labels for a face's confident attributes, as shown on the caption contact sheet."""
+    chips = []
+    for name, value in values.items():
+        if value is None or value is False:
+            continue
+        if name == "age":
+            chips.append(f"~{value:.0f} y")
+        elif value is True:
+            chips.append(name.replace("_", " "))
+        else:
+            chips.append(f"{value} {confidences[name]:.2f}" if name in ("gender", "expression") else str(value))
+    return chips
+
+
+def iter_kept_samples(
+    run_dir: Path, limit: int, faces: bool
+) -> Iterator[tuple[bytes, str, list[Box], list[str]]]:
+    """(image bytes, caption, face boxes, chips) of the first `limit` samples the run kept, in key order.
 
     Images live in the download shards' tars; with the face stage on, what was kept and the boxes
-    come from its records.
+    come from the latest stage's records. Once a shard is captioned, the caption is the face
+    caption and the chips are its primary face's attributes; before that, the web caption and none.
     """
     run_dir = Path(run_dir)
-    if faces:
-        records_dir = identity_dir(run_dir) if is_identity_done(run_dir) else face_dir(run_dir)
-    else:
-        records_dir = run_dir / "shards"
     produced = 0
     for shard_id in _stats_files(run_dir / "shards"):
         name = f"{shard_id:05d}"
-        columns = ["key", "status", "caption", "ext"] + (["width", "height", "faces"] if faces else [])
+        columns = ["key", "status", "caption", "ext"]
+        if not faces:
+            records_dir = run_dir / "shards"
+        elif (caption_dir(run_dir) / f"{name}.stats.json").exists():
+            records_dir = caption_dir(run_dir)
+            columns += ["width", "height", "faces", "face_caption", "face_attributes"]
+        else:
+            records_dir = identity_dir(run_dir) if is_identity_done(run_dir) else face_dir(run_dir)
+            columns += ["width", "height", "faces"]
         table = pq.read_table(records_dir / f"{name}.parquet", columns=columns)
         kept = {row["key"]: row for row in table.to_pylist() if row["status"] == records.OK}
         images: dict[str, bytes] = {}
@@ -161,7 +239,9 @@ def iter_kept_samples(run_dir: Path, limit: int, faces: bool) -> Iterator[tuple[
                 for face in row.get("faces") or ()
                 for x1, y1, x2, y2 in [face["bbox"]]
             ]
-            yield images[key], row["caption"] or "", boxes
+            described = row.get("face_attributes")
+            chips = attribute_chips(described[0]["values"], described[0]["confidences"]) if described else []
+            yield images[key], row.get("face_caption") or row["caption"] or "", boxes, chips
             produced += 1
             if produced >= limit:
                 return
@@ -179,5 +259,14 @@ def write_run_report(run_dir: Path, faces: bool, max_sheet_items: int, contact_s
             max_items=max_sheet_items,
         )
         summary["contact_sheet"] = str(sheet) if sheet else None
+        if "caption_stats" in summary:
+            faces_sheet = make_contact_sheet(
+                iter_kept_samples(run_dir, max_sheet_items, faces),
+                run_dir / "captions_sheet.png",
+                title=f"{run_dir.name}: face captions and attributes",
+                max_items=max_sheet_items,
+                zoom_to_primary=True,
+            )
+            summary["captions_sheet"] = str(faces_sheet) if faces_sheet else None
     write_json(run_dir / "summary.json", summary)
     return summary

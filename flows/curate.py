@@ -1,10 +1,12 @@
-"""The curation flow: plan shards, download them, find their faces, report.
+"""The curation flow: plan shards, download them, find their faces, group identities, caption
+the faces, report.
 
 Only wiring lives here; every stage is a plain function in `facedata/`, testable without Prefect.
 Resume comes from the shards' own done markers, so Prefect's result caching is off.
 
 The shard is the unit of work: each shard's face task takes its download task's result, so it
-starts as soon as that shard is downloaded, while other shards still download.
+starts as soon as that shard is downloaded, while other shards still download. The identity
+stage needs every shard's faces at once; the caption tasks, one per shard again, follow it.
 
 Stage modules are imported inside the tasks: with `runner.kind: process` every worker process
 imports this module, and a worker that only downloads should not load onnxruntime, OpenCV and
@@ -58,6 +60,13 @@ def identity_task(cfg: Config, run_dir: str, shard_ids: list[int]) -> dict:
     from facedata.identity_stage import run_identity_stage
 
     return run_identity_stage(cfg, Path(run_dir), shard_ids)
+
+
+@task(name="caption-shard", cache_policy=NO_CACHE, task_run_name="caption-shard-{shard_id:05d}")
+def caption_shard_task(shard_id: int, cfg: Config, run_dir: str, progress: bool) -> dict:
+    from facedata.caption_stage import run_caption_shard
+
+    return run_caption_shard(shard_id, cfg, Path(run_dir), progress=progress)
 
 
 @task(name="report", cache_policy=NO_CACHE)
@@ -114,6 +123,12 @@ def curate(config: dict, run_dir: str, progress: bool = True) -> dict:
             failed.append(f"{stage} {plan.shard_id:05d} ({future.state.message})")
     if cfg.faces.enabled and cfg.identity.enabled and not failed:
         identity_task(cfg, run_dir, [plan.shard_id for plan in plans])
+    if cfg.faces.enabled and cfg.attributes.enabled and not failed:
+        captions = caption_shard_task.with_options(retries=cfg.runner.task_retries)
+        for plan, future in [(plan, captions.submit(plan.shard_id, cfg, run_dir, progress)) for plan in plans]:
+            future.wait()
+            if not future.state.is_completed():
+                failed.append(f"captions {plan.shard_id:05d} ({future.state.message})")
     summary = report_task(cfg, run_dir)
     if failed:
         raise RuntimeError(f"{len(failed)} shard tasks failed; rerun to resume: {', '.join(failed[:5])}")
@@ -162,5 +177,9 @@ def run_curation(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
         # Load the models before the flow starts: a missing file is then one line for the user,
         # not a crashed flow run and a failed task per shard.
         load_analyzer(cfg.faces)
+        if cfg.attributes.enabled:
+            from facedata.attributes import load_predictors
+
+            load_predictors(cfg.attributes, cfg.faces)
     runner = task_runner(cfg.runner)
     return curate.with_options(task_runner=runner)(cfg.model_dump(mode="json"), str(run_dir), progress)

@@ -1,0 +1,250 @@
+"""The caption stage: one shard's kept images in, the same records with attributes and a face
+caption out.
+
+For each image the identity stage (or, without it, the face stage) kept, the faces are described
+primary first, up to `attributes.max_faces`: every configured attribute predictor runs on the
+shard's faces in batches, a prediction below its confidence threshold is dropped (never guessed),
+and the composer writes a caption from what is left. The web caption stays in `caption`.
+
+Written, each atomically: `RUN/captions/NNNNN.parquet` (every record of the shard plus
+face_caption, face_attributes, n_valid_labels, caption_rewritten) and `NNNNN.stats.json` last,
+which marks the shard done: the models with their versions and licences, seconds per model,
+how often each attribute was found, and the shard's caption statistics.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from facedata import records
+from facedata.attributes import load_predictors
+from facedata.attributes.base import AttributePredictor, FaceInput, Prediction
+from facedata.attributes.vocabulary import ATTRIBUTES
+from facedata.captions import caption_stats, compose_caption, load_rewriter, rewrite_caption
+from facedata.config import AttributeConfig, Config
+from facedata.face_stage import _batches, _tar_images, face_dir
+from facedata.identity_stage import identity_dir
+from facedata.imaging import decode_rgb
+from facedata.shards import atomic_path, is_done, read_stats, shard_name, stats_path, write_json
+
+log = logging.getLogger(__name__)
+
+CAPTION_DIR = "captions"
+# Images are decoded at a reduced JPEG scale while the smallest described face keeps at least this
+# many pixels on its shorter side: the largest model input (face parsing) needs no more.
+DECODE_MIN_FACE_SIDE = 256
+
+_ARROW_TYPES = {"number": pa.float32(), "bool": pa.bool_(), "category": pa.string()}
+VALUES_TYPE = pa.struct([(name, _ARROW_TYPES[spec.kind]) for name, spec in ATTRIBUTES.items()])
+CONFIDENCES_TYPE = pa.struct([(name, pa.float32()) for name in ATTRIBUTES])
+FACE_ATTRIBUTES_TYPE = pa.struct([
+    ("face", pa.int32()),  # index into the record's `faces`
+    ("values", VALUES_TYPE),  # null where the attribute was not confident (or not asked for)
+    ("confidences", CONFIDENCES_TYPE),
+])
+CAPTION_COLUMNS = {
+    "face_caption": pa.string(),
+    "face_attributes": pa.list_(FACE_ATTRIBUTES_TYPE),  # described faces, primary first
+    "n_valid_labels": pa.int32(),  # confident attributes of the primary face
+    "caption_rewritten": pa.bool_(),  # null without a rewriter
+}
+
+
+def caption_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / CAPTION_DIR
+
+
+def source_dir(cfg: Config, run_dir: Path) -> Path:
+    """Where this stage reads its records: the identity stage's output when it runs."""
+    return identity_dir(run_dir) if cfg.identity.enabled else face_dir(run_dir)
+
+
+@dataclass
+class Described:
+    faces: list[int]  # indices into the record's `faces`, primary first
+    attributes: list[dict[str, Prediction]]  # confident predictions, one dict per described face
+
+
+def thresholds(cfg: AttributeConfig) -> dict[str, float]:
+    """Confidence each kept attribute needs; attributes not asked for are absent."""
+    wanted = cfg.include if cfg.include is not None else list(ATTRIBUTES)
+    return {name: cfg.thresholds.get(name, cfg.min_confidence) for name in wanted}
+
+
+def confident(predicted: dict[str, Prediction], needed: dict[str, float]) -> dict[str, Prediction]:
+    return {name: p for name, p in predicted.items() if name in needed and p.confidence >= needed[name]}
+
+
+def described_faces(faces: list[dict], primary: int | None, max_faces: int) -> list[int]:
+    """The primary face, then the others largest first, up to max_faces."""
+    order = sorted(range(len(faces)), key=lambda i: (i != primary, -faces[i]["side"]))
+    return order[:max_faces]
+
+
+def decode_faces(data: bytes, row: dict, face_ids: list[int], max_pixels: int) -> list[FaceInput]:
+    """The image, decoded at the smallest JPEG scale that keeps the described faces at least
+    DECODE_MIN_FACE_SIDE pixels (or whole), with boxes and keypoints scaled to match."""
+    width, height = row["width"], row["height"]
+    smallest = min(row["faces"][i]["side"] for i in face_ids)
+    factor = max(1.0, smallest / DECODE_MIN_FACE_SIDE)
+    draft = (math.ceil(width / factor), math.ceil(height / factor)) if factor >= 2 else None
+    img = decode_rgb(data, max_pixels, draft_size=draft)
+    sx, sy = img.width / width, img.height / height
+    image = np.asarray(img)
+    scale_box = np.array([sx, sy, sx, sy], np.float32)
+    out = []
+    for i in face_ids:
+        face = row["faces"][i]
+        out.append(FaceInput(
+            image=image,
+            bbox=np.asarray(face["bbox"], np.float32) * scale_box,
+            kps=np.asarray(face["kps"], np.float32).reshape(5, 2) * np.array([sx, sy], np.float32),
+        ))
+    return out
+
+
+def describe(predictors: list[AttributePredictor], faces: list[FaceInput], needed: dict[str, float],
+             seconds: Counter) -> list[dict[str, Prediction]]:
+    """Every predictor over the batch, merged per face and cut to the confident attributes.
+    A predictor's time is added to `seconds` under its model's name."""
+    merged: list[dict[str, Prediction]] = [{} for _ in faces]
+    for predictor in predictors:
+        if not needed.keys() & set(predictor.attributes):
+            continue
+        start = time.perf_counter()
+        for face, predicted in zip(merged, predictor.predict(faces)):
+            face.update(predicted)
+        seconds[predictor.info.name] += time.perf_counter() - start
+    return [confident(face, needed) for face in merged]
+
+
+def _face_attributes(face_ids: list[int], attributes: list[dict[str, Prediction]]) -> list[dict]:
+    return [
+        {
+            "face": i,
+            "values": {name: p.value for name, p in attrs.items()},
+            "confidences": {name: p.confidence for name, p in attrs.items()},
+        }
+        for i, attrs in zip(face_ids, attributes)
+    ]
+
+
+def run_caption_shard(shard_id: int, cfg: Config, run_dir: Path, progress: bool = True) -> dict:
+    """Describe and caption the kept faces of one shard, unless already done; returns its stats."""
+    run_dir = Path(run_dir)
+    src, dst = source_dir(cfg, run_dir), caption_dir(run_dir)
+    name = shard_name(shard_id)
+    if is_done(dst, shard_id):
+        log.info("caption shard %s already done, skipped", name)
+        return read_stats(dst, shard_id)
+    if not (src / f"{name}.parquet").exists():
+        raise RuntimeError(f"{src / name}.parquet is missing: run the stages before captions first")
+    dst.mkdir(parents=True, exist_ok=True)
+    for stale in dst.glob(f".{name}.*.tmp"):  # left by an earlier, killed attempt
+        stale.unlink(missing_ok=True)
+
+    started = time.time()
+    acfg = cfg.attributes
+    predictors = load_predictors(acfg, cfg.faces)
+    rewriter = load_rewriter(cfg.captions.rewriter_model) if cfg.captions.rewriter_model else None
+    needed = thresholds(acfg)
+    table = pq.read_table(src / f"{name}.parquet")
+    rows = table.select(["key", "status", "width", "height", "ext", "faces", "primary_face", "n_faces"]).to_pylist()
+    kept = {r["key"]: i for i, r in enumerate(rows) if r["status"] == records.OK and r["faces"]}
+    wanted = {key: rows[i]["ext"] for key, i in kept.items()}
+
+    columns: dict[str, list] = {c: [None] * len(rows) for c in CAPTION_COLUMNS}
+    statuses = table.column("status").to_pylist()
+    seconds: Counter = Counter()
+    attribute_counts: Counter = Counter()
+    n_faces_described = 0
+    pending: list[tuple[int, list[int], list[FaceInput]]] = []
+
+    def flush() -> None:
+        nonlocal n_faces_described
+        faces = [face for _, _, inputs in pending for face in inputs]
+        described = describe(predictors, faces, needed, seconds)
+        at = 0
+        for row_index, face_ids, inputs in pending:
+            attrs = described[at : at + len(inputs)]
+            at += len(inputs)
+            row = rows[row_index]
+            n_faces_described += len(attrs)
+            for a in attrs:
+                attribute_counts.update(a.keys())
+            columns["face_attributes"][row_index] = _face_attributes(face_ids, attrs)
+            columns["n_valid_labels"][row_index] = len(attrs[0])
+            if len(attrs[0]) < acfg.min_valid_labels:
+                statuses[row_index] = records.TOO_FEW_ATTRIBUTES
+                continue
+            if cfg.captions.enabled:
+                composed = compose_caption(attrs, row["n_faces"], seed=f"{cfg.captions.seed}:{row['key']}")
+                if rewriter is not None:
+                    composed, columns["caption_rewritten"][row_index] = rewrite_caption(rewriter, attrs, composed)
+                columns["face_caption"][row_index] = composed
+        pending.clear()
+
+    decode_start = time.perf_counter()
+    with tqdm(total=len(wanted), desc=f"captions {name}", unit="img", disable=not progress, leave=False) as bar:
+        n_pending_faces = 0
+        for key, data in _tar_images(run_dir / "shards" / f"{name}.tar", wanted):
+            row_index = kept[key]
+            row = rows[row_index]
+            face_ids = described_faces(row["faces"], row["primary_face"], acfg.max_faces)
+            t = time.perf_counter()
+            inputs = decode_faces(data, row, face_ids, cfg.image.max_pixels)
+            seconds["decode"] += time.perf_counter() - t
+            pending.append((row_index, face_ids, inputs))
+            n_pending_faces += len(inputs)
+            if n_pending_faces >= acfg.batch_size:
+                flush()
+                n_pending_faces = 0
+            bar.update(1)
+        if pending:
+            flush()
+    total_seconds = time.perf_counter() - decode_start
+    missing = [key for key, i in kept.items() if columns["face_attributes"][i] is None]
+    if missing:
+        raise RuntimeError(f"{run_dir / 'shards' / name}.tar lacks {len(missing)} kept images, e.g. {missing[0]}")
+
+    table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(statuses, pa.string()))
+    for column, type_ in CAPTION_COLUMNS.items():
+        table = table.append_column(column, pa.array(columns[column], type_))
+    with atomic_path(dst / f"{name}.parquet") as tmp:
+        pq.write_table(table, tmp)
+    captions = [c for c in columns["face_caption"] if c is not None]
+    stats = {
+        "shard_id": shard_id,
+        "n_samples": len(rows),
+        "n_described": len(kept),
+        "n_faces_described": n_faces_described,
+        "n_ok": statuses.count(records.OK),
+        "n_captions": len(captions),
+        "status_counts": dict(sorted(Counter(statuses).items())),
+        "caption_status_counts": dict(sorted(Counter(statuses[i] for i in kept.values()).items())),
+        "attribute_counts": dict(sorted(attribute_counts.items())),
+        "thresholds": needed,
+        "min_valid_labels": acfg.min_valid_labels,
+        "models": {type(p).__name__: p.info.as_dict() for p in predictors},
+        "rewriter": cfg.captions.rewriter_model,
+        "seconds": round(total_seconds, 3),
+        "seconds_by_step": {k: round(v, 3) for k, v in sorted(seconds.items())},
+        "faces_per_second": round(n_faces_described / total_seconds, 2) if total_seconds else None,
+        "caption_stats": caption_stats(captions, [columns["n_valid_labels"][i] for i in kept.values()]),
+        "started_at": started,
+        "finished_at": time.time(),
+    }
+    write_json(stats_path(dst, shard_id), stats)
+    log.info("caption shard %s: %d images, %d faces described, %d captions", name, len(kept),
+             n_faces_described, len(captions))
+    return stats
