@@ -45,7 +45,7 @@ def _faces_benchmark():
     return module
 
 
-def _config(run: Path, threads: int | None = None):
+def _config(run: Path, threads: int = 1):
     from facedata.config import config_from_dict
 
     return config_from_dict({

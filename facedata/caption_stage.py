@@ -32,7 +32,7 @@ from facedata.attributes.base import AttributePredictor, FaceInput, Prediction
 from facedata.attributes.vocabulary import ATTRIBUTES
 from facedata.captions import caption_stats, compose_caption, load_rewriter, rewrite_caption
 from facedata.config import AttributeConfig, Config
-from facedata.face_stage import _batches, _tar_images, face_dir
+from facedata.face_stage import _tar_images, face_dir
 from facedata.identity_stage import identity_dir
 from facedata.imaging import decode_rgb
 from facedata.shards import atomic_path, is_done, read_stats, shard_name, stats_path, write_json

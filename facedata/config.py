@@ -160,7 +160,9 @@ class AttributeConfig(_Section):
     max_faces: int = Field(3, ge=1, description="Faces described per image, primary face first.")
     model_dir: str | None = Field(None, description="A folder with insightface's genderage.onnx.")
     batch_size: int = Field(32, gt=0)
-    threads: int | None = Field(None, gt=0, description="Threads per model call; None: one per core.")
+    # Threads per model call. One: shards already run in parallel (runner.max_workers), and one
+    # thread gave 1.6x more faces per CPU-second than two (benchmarks/attributes.py).
+    threads: int = Field(1, gt=0)
 
     @field_validator("include")
     @classmethod
@@ -194,6 +196,17 @@ class CaptionConfig(_Section):
     rewriter_model: str | None = None
 
 
+class PublishConfig(_Section):
+    """Where the flow publishes the finished run; `facedata publish` takes the same options."""
+
+    to: str | None = Field(None, description="A folder or hf://datasets/OWNER/NAME; None: do not publish.")
+    private: bool = True  # a new Hub repo is private unless asked
+    overwrite: bool = False
+    crops: bool = Field(False, description="Face crops instead of whole images in the webdataset tars.")
+    embeddings: bool = Field(False, description="Also publish the primary faces' embeddings.")
+    samples_per_shard: int = Field(1000, gt=0)
+
+
 class RunnerConfig(_Section):
     # Prefect task runner for the shard tasks. thread: all shards in one process (one GIL, ~1
     # core); process: one worker process per shard slot, so max_workers shards use that many cores.
@@ -218,6 +231,7 @@ class Config(_Section):
     identity: IdentityConfig = IdentityConfig()
     attributes: AttributeConfig = AttributeConfig()
     captions: CaptionConfig = CaptionConfig()
+    publish: PublishConfig = PublishConfig()
     runner: RunnerConfig = RunnerConfig()
     output: OutputConfig = OutputConfig()
 

@@ -4,15 +4,9 @@ chosen by `attributes.predictors` in the config."""
 from __future__ import annotations
 
 import functools
-import os
 
 from facedata.attributes.base import AttributePredictor
 from facedata.config import AttributeConfig, FaceConfig
-
-
-def default_threads() -> int:
-    """Threads per model call: the cores this process may use."""
-    return max(1, len(os.sched_getaffinity(0)))
 
 
 @functools.lru_cache(maxsize=4)
@@ -46,4 +40,4 @@ def load_predictors(cfg: AttributeConfig, face_cfg: FaceConfig) -> list[Attribut
     """The configured predictors, loaded once per process. A user's genderage.onnx is looked for
     in attributes.model_dir, else in faces.model_dir."""
     model_dir = cfg.model_dir or face_cfg.model_dir
-    return list(_load(tuple(cfg.predictors), model_dir, cfg.threads or default_threads()))
+    return list(_load(tuple(cfg.predictors), model_dir, cfg.threads))
