@@ -162,7 +162,8 @@ def run_demo(output: Path, progress: bool = True) -> dict:
         log.info("demo corpus: %d entries served at %s", len(entries), server.url(""))
         gallery = build_optout_gallery(output / "optout")
         cfg = load_config(DEMO_CONFIG, [f"input.path={corpus}", f"output.dir={output / 'run'}",
-                                        f"identity.optout_gallery={gallery.resolve()}"])
+                                        f"identity.optout_gallery={gallery.resolve()}",
+                                        f"publish.to={(output / 'dataset').resolve()}"])
         summary = run_curation(cfg, Path(cfg.output.dir), progress=progress)
     print(format_summary(summary))
     print(f"run directory: {cfg.output.dir}")
@@ -170,4 +171,6 @@ def run_demo(output: Path, progress: bool = True) -> dict:
         print(f"contact sheet of kept images: {summary['contact_sheet']}")
     if summary.get("captions_sheet"):
         print(f"faces with their captions and attributes: {summary['captions_sheet']}")
+    if summary.get("published"):
+        print(f"published dataset (parquet, webdataset, dataset card): {summary['published']}")
     return summary

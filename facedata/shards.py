@@ -45,8 +45,23 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask would, racing other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
 class atomic_path:
-    """Context manager giving a temp path beside `path`; renamed onto `path` only on success."""
+    """Context manager giving a temp path beside `path`; renamed onto `path` only on success.
+
+    The result gets the permissions a plain open() would have given it: mkstemp creates its
+    file readable by the owner only, which would leave every output private to whoever ran.
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -60,6 +75,7 @@ class atomic_path:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
+            os.chmod(self.tmp, 0o666 & ~_umask())
             os.replace(self.tmp, self.path)
         else:
             self.tmp.unlink(missing_ok=True)

@@ -1,5 +1,5 @@
 """The curation flow: plan shards, download them, find their faces, group identities, caption
-the faces, report.
+the faces, report, and publish when `publish.to` is set.
 
 Only wiring lives here; every stage is a plain function in `facedata/`, testable without Prefect.
 Resume comes from the shards' own done markers, so Prefect's result caching is off.
@@ -78,6 +78,16 @@ def report_task(cfg: Config, run_dir: str) -> dict:
     )
 
 
+@task(name="publish", cache_policy=NO_CACHE)
+def publish_task(cfg: Config, run_dir: str, progress: bool) -> dict:
+    from facedata.publish import publish
+
+    options = cfg.publish
+    return publish(Path(run_dir), options.to, private=options.private, overwrite=options.overwrite,
+                   crops=options.crops, embeddings=options.embeddings,
+                   samples_per_shard=options.samples_per_shard, progress=progress)
+
+
 def _submit_shards(
     plans: list[ShardPlan], cfg: Config, run_dir: str, progress: bool
 ) -> list[tuple[str, ShardPlan, PrefectFuture]]:
@@ -132,6 +142,8 @@ def curate(config: dict, run_dir: str, progress: bool = True) -> dict:
     summary = report_task(cfg, run_dir)
     if failed:
         raise RuntimeError(f"{len(failed)} shard tasks failed; rerun to resume: {', '.join(failed[:5])}")
+    if cfg.publish.to:
+        summary["published"] = publish_task(cfg, run_dir, progress)["destination"]
     return summary
 
 

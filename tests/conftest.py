@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -55,3 +56,17 @@ def cli_env(tmp_path_factory) -> dict:
 
 def facedata_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "facedata.cli", *args]
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, cli_env) -> Path:
+    """A finished run of the embedded demo (`facedata demo`, about 40 s), made once per session.
+    Shared: copy it (shutil.copytree) before changing anything in it."""
+    out = tmp_path_factory.mktemp("demo_run") / "demo"
+    proc = subprocess.run(facedata_cmd("demo", "--output", str(out), "--no-progress"), env=cli_env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"facedata demo failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    (out / "stdout.txt").write_text(proc.stdout)
+    run_dir = out / "run"
+    assert (run_dir / "summary.json").exists()
+    return run_dir

@@ -4,7 +4,6 @@ methods on edge cases and synthetic identities, and the default config on real f
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest

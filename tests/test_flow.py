@@ -44,7 +44,7 @@ def write_config(path: Path, corpus: Path, **sections) -> Path:
 def check_run_consistent(run_dir: Path, n_expected: int) -> pa.Table:
     """Every planned sample appears exactly once, in the download and the final records; tars hold
     exactly the samples the download kept; later stages keep a subset; stats add up. Returns the
-    final records (the identity stage's when it ran, else the face stage's)."""
+    final records (the caption stage's when it ran, else the identity stage's, else the face stage's)."""
     downloaded = read_records(run_dir / "shards")
     keys = downloaded.column("key").to_pylist()
     assert len(keys) == n_expected == len(set(keys))
@@ -55,7 +55,10 @@ def check_run_consistent(run_dir: Path, n_expected: int) -> pa.Table:
             tar_keys += [m.name.split(".")[0] for m in tar.getmembers() if m.name.endswith(".json")]
     assert sorted(tar_keys) == sorted(ok_keys)
     identity = run_dir / "identity"
-    if (identity / "identity.json").exists():
+    captions = sorted((run_dir / "captions").glob("0*.parquet"))
+    if captions and len(captions) == len(list((run_dir / "shards").glob("*.tar"))):
+        final = pa.concat_tables([pq.read_table(p) for p in captions], promote_options="permissive")
+    elif (identity / "identity.json").exists():
         final = pa.concat_tables([pq.read_table(p) for p in sorted(identity.glob("0*.parquet"))],
                                  promote_options="permissive")
     else:
@@ -161,17 +164,21 @@ def test_help(args):
     assert proc.returncode == 0 and "usage: facedata" in proc.stdout
 
 
-def test_demo_end_to_end(tmp_path, cli_env):
-    """The embedded demo: every corpus entry ends with the status the demo expects for it."""
-    out = tmp_path / "demo"
-    proc = subprocess.run(facedata_cmd("demo", "--output", str(out), "--no-progress"), env=cli_env,
-                          capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_demo_end_to_end(demo_run):
+    """The embedded demo: every corpus entry ends with the status the demo expects for it, and the
+    flow published the run."""
+    out = demo_run.parent
+    stdout = (out / "stdout.txt").read_text()
     corpus = pq.read_table(out / "corpus.parquet").to_pylist()
-    table = check_run_consistent(out / "run", len(corpus)).sort_by("key")
+    table = check_run_consistent(demo_run, len(corpus)).sort_by("key")
     # Keys are the corpus row numbers, so record i is corpus row i.
     assert table.column("key").to_pylist() == [f"{i:09d}" for i in range(len(corpus))]
     for row, status in zip(corpus, table.column("status").to_pylist()):
         assert status == row["expected_status"], row
-    assert (out / "run" / "contact_sheet.png").exists()
-    assert "timeout" in proc.stdout and "opted_out" in proc.stdout
+    kept = [c for c, s in zip(table.column("face_caption").to_pylist(), table.column("status").to_pylist())
+            if s == records.OK]
+    assert kept and all(kept)
+    assert (demo_run / "contact_sheet.png").exists() and (demo_run / "captions_sheet.png").exists()
+    assert "timeout" in stdout and "opted_out" in stdout and "captions" in stdout
+    manifest = json.loads((out / "dataset" / "manifest.json").read_text())
+    assert manifest["n_samples"] == len(kept) and (out / "dataset" / "README.md").exists()
