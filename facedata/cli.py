@@ -57,6 +57,37 @@ def _add_detect(sub) -> None:
                    help=f"smallest detector score reported (default: {defaults.filter.min_score})")
 
 
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="Train a FLIP (CLIP-style) model on a published dataset.",
+                       description="Train FLIP as CONFIG says; rerun a stopped run to resume it.")
+    p.add_argument("config", type=Path, help="training YAML (see configs/flip_*.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a config value, e.g. --set training.steps=100 (repeatable)")
+    p.add_argument("--no-prefect", action="store_true", help="train in this process without a Prefect flow")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_publish(sub) -> None:
+    p = sub.add_parser(
+        "publish", help="Publish a finished run as a dataset (folder or Hugging Face Hub).",
+        description="Publish RUN_DIR's kept samples as parquet shards (load_dataset), webdataset tars and a "
+                    "dataset card, to a folder or a Hub dataset repo (private by default; token from HF_TOKEN "
+                    "or `hf auth login`, never printed). Republishing the same run is a no-op.",
+    )
+    p.add_argument("run_dir", type=Path, help="a finished run directory (the one holding summary.json)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--to", metavar="DEST", help="a folder, or hf://datasets/OWNER/NAME[@revision]")
+    where.add_argument("--repo", metavar="OWNER/NAME", help="a Hub dataset repo (same as --to hf://datasets/...)")
+    p.add_argument("--dry-run", action="store_true", help="Hub: build the folder, print the upload plan, upload nothing")
+    p.add_argument("--public", action="store_true", help="Hub: create the repo public (default: private)")
+    p.add_argument("--overwrite", action="store_true", help="replace a destination folder that holds something else")
+    p.add_argument("--skip-partial", action="store_true", help="skip unfinished shards with a warning")
+    p.add_argument("--crops", action="store_true", help="face crops instead of whole images in the tars")
+    p.add_argument("--embeddings", action="store_true", help="also publish the primary faces' embeddings")
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facedata", description="Build face-centric image-text datasets.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -64,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_demo(sub)
     _add_detect(sub)
+    _add_train(sub)
+    _add_publish(sub)
     return parser
 
 
@@ -108,6 +141,38 @@ def cmd_detect(args) -> int:
     return 0 if n_read else 1
 
 
+def cmd_train(args) -> int:
+    from facedata.flip.config import load_train_config
+
+    cfg = load_train_config(args.config, args.overrides)
+    if args.no_prefect:
+        from facedata.flip.train import train_and_report as run_training
+    else:
+        from flows.train_flip import run_training
+    from facedata.flip.train import format_report
+
+    print(format_report(run_training(cfg, progress=not args.no_progress)))
+    return 0
+
+
+def cmd_publish(args) -> int:
+    from facedata.publish import publish
+
+    result = publish(args.run_dir, args.to, repo=args.repo, private=not args.public, dry_run=args.dry_run,
+                     overwrite=args.overwrite, skip_partial=args.skip_partial, crops=args.crops,
+                     embeddings=args.embeddings, samples_per_shard=args.samples_per_shard,
+                     progress=not args.no_progress)
+    manifest = result["manifest"]
+    splits = ", ".join(f"{name} {s['num_examples']}" for name, s in manifest["splits"].items())
+    state = "unchanged (already published)" if manifest["status"] == "unchanged" else "written"
+    where = result.get("staging", result["destination"])
+    print(f"{manifest['n_samples']} samples ({splits}) {state}: {where}")
+    upload = result.get("upload")
+    if upload and not args.dry_run:
+        print(f"uploaded to {upload.get('url') or result['destination']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -115,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("facedata").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     configure_prefect()
     try:
-        return {"run": cmd_run, "demo": cmd_demo, "detect": cmd_detect}[args.command](args)
+        return {"run": cmd_run, "demo": cmd_demo, "detect": cmd_detect, "train": cmd_train,
+                "publish": cmd_publish}[args.command](args)
     except UserError as err:
         print(f"facedata: error: {err}", file=sys.stderr)
         return 2
