@@ -14,6 +14,7 @@ how often each attribute was found, and the shard's caption statistics.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -54,6 +55,7 @@ FACE_ATTRIBUTES_TYPE = pa.struct([
 ])
 CAPTION_COLUMNS = {
     "face_caption": pa.string(),
+    "clip_score": pa.float32(),  # image-text cosine under relevance.checkpoint; null when off
     "face_attributes": pa.list_(FACE_ATTRIBUTES_TYPE),  # described faces, primary first
     "n_valid_labels": pa.int32(),  # confident attributes of the primary face
     "caption_rewritten": pa.bool_(),  # null without a rewriter
@@ -128,6 +130,37 @@ def describe(predictors: list[AttributePredictor], faces: list[FaceInput], neede
     return [confident(face, needed) for face in merged]
 
 
+@functools.lru_cache(maxsize=2)
+def _relevance_model(checkpoint: str):
+    from facedata.flip.embed import load_checkpoint
+
+    return load_checkpoint(checkpoint)
+
+
+def score_relevance(cfg: Config, tar_path: Path, rows: list[dict], columns: dict[str, list], statuses: list[str],
+                    kept: dict[str, int]) -> None:
+    """The CLIP score of each captioned image against its text; images under relevance.min_score
+    get status low_relevance (DataComp's CLIP-score filter)."""
+    from facedata.flip.search import clip_scores, relevance_filter
+
+    rcfg = cfg.relevance
+    model = _relevance_model(rcfg.checkpoint)
+    text_of = {key: (columns["face_caption"][i] if rcfg.text == "face_caption" else rows[i]["caption"])
+               for key, i in kept.items() if statuses[i] == records.OK}
+    scored = [(key, data) for key, data in _tar_images(tar_path, {k: rows[kept[k]]["ext"] for k in text_of})]
+    if not scored:
+        return
+    boxes = None
+    if model.use_crops:
+        boxes = [rows[kept[key]]["faces"][rows[kept[key]]["primary_face"]]["bbox"] for key, _ in scored]
+    scores = clip_scores(model, [data for _, data in scored], [text_of[key] or "" for key, _ in scored], boxes=boxes)
+    keep = relevance_filter(scores, rcfg.min_score)
+    for (key, _), score, ok in zip(scored, scores, keep):
+        columns["clip_score"][kept[key]] = float(score)
+        if not ok:
+            statuses[kept[key]] = records.LOW_RELEVANCE
+
+
 def _face_attributes(face_ids: list[int], attributes: list[dict[str, Prediction]]) -> list[dict]:
     return [
         {
@@ -159,7 +192,8 @@ def run_caption_shard(shard_id: int, cfg: Config, run_dir: Path, progress: bool 
     rewriter = load_rewriter(cfg.captions.rewriter_model) if cfg.captions.rewriter_model else None
     needed = thresholds(acfg)
     table = pq.read_table(src / f"{name}.parquet")
-    rows = table.select(["key", "status", "width", "height", "ext", "faces", "primary_face", "n_faces"]).to_pylist()
+    rows = table.select(["key", "status", "caption", "width", "height", "ext", "faces", "primary_face",
+                         "n_faces"]).to_pylist()
     kept = {r["key"]: i for i, r in enumerate(rows) if r["status"] == records.OK and r["faces"]}
     wanted = {key: rows[i]["ext"] for key, i in kept.items()}
 
@@ -212,10 +246,14 @@ def run_caption_shard(shard_id: int, cfg: Config, run_dir: Path, progress: bool 
             bar.update(1)
         if pending:
             flush()
-    total_seconds = time.perf_counter() - decode_start
     missing = [key for key, i in kept.items() if columns["face_attributes"][i] is None]
     if missing:
         raise RuntimeError(f"{run_dir / 'shards' / name}.tar lacks {len(missing)} kept images, e.g. {missing[0]}")
+    if cfg.relevance.checkpoint:
+        start = time.perf_counter()
+        score_relevance(cfg, run_dir / "shards" / f"{name}.tar", rows, columns, statuses, kept)
+        seconds["relevance"] += time.perf_counter() - start
+    total_seconds = time.perf_counter() - decode_start
 
     table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(statuses, pa.string()))
     for column, type_ in CAPTION_COLUMNS.items():

@@ -13,6 +13,8 @@ from pydantic import ValidationError
 
 from facedata.config import ConfigError, FaceConfig, FaceFilterConfig, ImageConfig, load_config
 from facedata.errors import UserError
+from facedata.flip.evaluate import add_eval_parser, run_eval_command
+from facedata.flip.search import add_search_parser, run_search_command
 from facedata.prefect_env import configure_prefect
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -30,9 +32,11 @@ def _add_run(sub) -> None:
 def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo", help="Run the embedded demo end to end, offline.",
-        description="Serve a small real photo corpus on 127.0.0.1 (with broken entries) and curate it.",
+        description="Serve a small real photo corpus on 127.0.0.1 (with broken entries), curate and publish it, "
+                    "then train and evaluate a tiny FLIP model on it.",
     )
     p.add_argument("--output", type=Path, default=Path("runs/demo"), help="run directory (default: runs/demo)")
+    p.add_argument("--no-train", action="store_true", help="stop after publishing; skip the FLIP model")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -97,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_detect(sub)
     _add_train(sub)
     _add_publish(sub)
+    add_eval_parser(sub)
+    add_search_parser(sub)
     return parser
 
 
@@ -115,7 +121,7 @@ def cmd_run(args) -> int:
 def cmd_demo(args) -> int:
     from facedata.demo import run_demo
 
-    run_demo(args.output, progress=not args.no_progress)
+    run_demo(args.output, progress=not args.no_progress, train=not args.no_train)
     return 0
 
 
@@ -181,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_prefect()
     try:
         return {"run": cmd_run, "demo": cmd_demo, "detect": cmd_detect, "train": cmd_train,
-                "publish": cmd_publish}[args.command](args)
+                "publish": cmd_publish, "search": run_search_command,
+                "eval": run_eval_command}[args.command](args)
     except UserError as err:
         print(f"facedata: error: {err}", file=sys.stderr)
         return 2

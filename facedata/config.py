@@ -196,6 +196,15 @@ class CaptionConfig(_Section):
     rewriter_model: str | None = None
 
 
+class RelevanceConfig(_Section):
+    """DataComp-style CLIP-score filter, run in the caption stage when a checkpoint is given: the
+    cosine between each kept image and its text under a FLIP model (`facedata train`)."""
+
+    checkpoint: str | None = Field(None, description="A FLIP checkpoint or training run folder; None: off.")
+    text: Literal["face_caption", "caption"] = "face_caption"  # the face caption, or the web alt text
+    min_score: float = Field(0.2, ge=-1, le=1, description="Images scoring lower get status low_relevance.")
+
+
 class PublishConfig(_Section):
     """Where the flow publishes the finished run; `facedata publish` takes the same options."""
 
@@ -209,11 +218,27 @@ class PublishConfig(_Section):
 
 class RunnerConfig(_Section):
     # Prefect task runner for the shard tasks. thread: all shards in one process (one GIL, ~1
-    # core); process: one worker process per shard slot, so max_workers shards use that many cores.
-    kind: Literal["thread", "process"] = "thread"
-    # Shards processed at once.
+    # core); process: one worker process per shard slot, so max_workers shards use that many cores;
+    # dask: shard tasks on a Dask cluster (a local one of max_workers single-thread worker
+    # processes, or the existing cluster at dask_address).
+    kind: Literal["thread", "process", "dask"] = "thread"
+    # Shards processed at once (dask: worker processes of the local cluster).
     max_workers: int = Field(2, gt=0)
     task_retries: int = Field(1, ge=0)
+    # An existing Dask scheduler, e.g. tcp://host:8786 (kind dask only); None starts a local cluster.
+    # Its workers need facedata installed and a Prefect server they can reach (PREFECT_API_URL).
+    dask_address: str | None = None
+    # Reruns of a whole failed flow run (it resumes from the shards' done markers), and the wait
+    # before each; for unattended scheduled runs (`facedata serve`).
+    flow_retries: int = Field(0, ge=0)
+    flow_retry_delay_s: float = Field(60.0, ge=0)
+
+    @field_validator("dask_address")
+    @classmethod
+    def _scheduler_address(cls, address: str | None) -> str | None:
+        if address is not None and "://" not in address and ":" not in address:
+            raise ValueError(f"expected a Dask scheduler address like tcp://host:8786 (got {address!r})")
+        return address
 
 
 class OutputConfig(_Section):
@@ -231,6 +256,7 @@ class Config(_Section):
     identity: IdentityConfig = IdentityConfig()
     attributes: AttributeConfig = AttributeConfig()
     captions: CaptionConfig = CaptionConfig()
+    relevance: RelevanceConfig = RelevanceConfig()
     publish: PublishConfig = PublishConfig()
     runner: RunnerConfig = RunnerConfig()
     output: OutputConfig = OutputConfig()

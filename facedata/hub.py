@@ -55,6 +55,8 @@ _IGNORE_PATTERNS = [
     ".git", ".git/*", "*/.git", "**/.git/**",
     ".cache/huggingface", ".cache/huggingface/*", "*/.cache/huggingface", "**/.cache/huggingface/**",
 ]
+# Ours: local-only folders inside a published dataset (`facedata search` keeps its index there).
+LOCAL_ONLY_PATTERNS = ["search/*", "search/**"]
 
 
 # --------------------------------------------------------------------------------------------- destinations
@@ -252,7 +254,7 @@ def upload_plan(folder: str | os.PathLike, *, max_files_per_commit: int = MAX_FI
     # The same listing as HfApi.upload_folder: sorted glob, files only, then the ignore patterns.
     by_rel = {p.relative_to(root).as_posix(): p for p in sorted(root.glob("**/*")) if p.is_file()}
     files = [PlannedFile(rel, by_rel[rel].stat().st_size)
-             for rel in filter_repo_objects(by_rel.keys(), ignore_patterns=_IGNORE_PATTERNS)]
+             for rel in filter_repo_objects(by_rel.keys(), ignore_patterns=_IGNORE_PATTERNS + LOCAL_ONLY_PATTERNS)]
     if not files:
         raise UserError(f"{folder}: empty folder, nothing to upload")
 
@@ -370,7 +372,7 @@ def upload_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool = Tr
             # huggingface_hub <= 1.x: resumable multi-commit upload; its state lives in
             # FOLDER/.cache/huggingface/ (never uploaded itself), so re-running picks up where it stopped.
             kwargs: dict[str, Any] = dict(repo_id=repo_id, folder_path=str(folder), repo_type=REPO_TYPE,
-                                          revision=revision, private=private)
+                                          revision=revision, private=private, ignore_patterns=LOCAL_ONLY_PATTERNS)
             if num_workers is not None:
                 kwargs["num_workers"] = num_workers
             api.upload_large_folder(**kwargs)
@@ -380,7 +382,8 @@ def upload_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool = Tr
             # them in batches; re-running skips committed files and dedups uploaded chunks, so it resumes too.
             # It also ignores .git/ and .cache/huggingface/ (left over by an older upload_large_folder).
             info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type=REPO_TYPE,
-                                     revision=revision, commit_message=f"Upload {folder.name} with facedata")
+                                     revision=revision, ignore_patterns=LOCAL_ONLY_PATTERNS,
+                                     commit_message=f"Upload {folder.name} with facedata")
             result["method"] = "upload_folder"
             for key in ("commit_url", "oid"):
                 if getattr(info, key, None):

@@ -238,31 +238,30 @@ class Sample:
 
 
 def iter_samples(shards: RunShards) -> Iterator[Sample]:
-    """Kept samples with their image bytes, shard by shard in the tar's order; one image in memory."""
+    """Kept samples with their image bytes, shard by shard in key order; one image in memory.
+
+    Key order, not the tar's: the download stage writes images as they arrive, so the tar's order
+    differs from run to run, and a published dataset (and a model trained on it) should not."""
     for shard_id in shards.ids:
         name = shard_name(shard_id)
         path = _captions_path(shards.run_dir, shard_id)
         kept = {r["key"]: r for r in pq.read_table(path).to_pylist() if r["status"] == records.OK}
         if not kept:
             continue
-        wanted = {f"{key}.{r.get('ext') or 'jpg'}": key for key, r in kept.items()}
         tar_path = shards.run_dir / "shards" / f"{name}.tar"
-        seen: set[str] = set()
         try:
-            with tarfile.open(tar_path, "r|") as tar:
-                for member in tar:
-                    key = wanted.get(member.name)
-                    if key is None or key in seen or not member.isfile():
-                        continue
-                    seen.add(key)
+            with tarfile.open(tar_path, "r") as tar:
+                members = {m.name: m for m in tar.getmembers() if m.isfile()}
+                missing = [key for key, r in kept.items() if f"{key}.{r.get('ext') or 'jpg'}" not in members]
+                if missing:
+                    raise UserError(f"{tar_path}: no image for kept sample {sorted(missing)[0]} "
+                                    f"({len(missing)} missing); the run is damaged")
+                for key in sorted(kept):
+                    member = members[f"{key}.{kept[key].get('ext') or 'jpg'}"]
                     image = tar.extractfile(member).read()
                     yield Sample(kept[key], image, member.name.rsplit(".", 1)[1], shard_id)
         except tarfile.TarError as err:
             raise UserError(f"{tar_path}: unreadable tar ({err})") from None
-        missing = sorted(set(kept) - seen)
-        if missing:
-            raise UserError(f"{tar_path}: no image for kept sample {missing[0]} "
-                            f"({len(missing)} missing); the run is damaged")
 
 
 def _floats(values, n: int) -> list[float] | None:

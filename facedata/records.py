@@ -51,3 +51,4 @@ SINGLETON_IDENTITY = "singleton_identity"  # the only image of its identity (ide
 
 # Caption problems (found by the attribute stage).
 TOO_FEW_ATTRIBUTES = "too_few_attributes"  # primary face under attributes.min_valid_labels confident labels
+LOW_RELEVANCE = "low_relevance"  # image-text CLIP score under relevance.min_score

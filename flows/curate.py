@@ -154,7 +154,15 @@ def task_runner(cfg: RunnerConfig) -> TaskRunner:
     process: one spawned worker process per shard slot (Prefect's ProcessPoolTaskRunner), each
     with its own GIL. Workers live for the whole run, so their start-up (imports, a few seconds)
     is paid once, and a worker that runs face tasks loads the models once.
+    dask: the shard tasks on a Dask cluster (flows/dask_runner.py): a local one of max_workers
+    single-thread worker processes, or an existing one at dask_address. Shards stay the unit of
+    work; task results are the stages' small stats dicts (the identity stage reads the
+    embeddings from the run directory), so only those travel back to this process.
     """
+    if cfg.kind == "dask":
+        from flows.dask_runner import dask_task_runner
+
+        return dask_task_runner(cfg)
     if cfg.kind == "process":
         _share_api_server()
         # Spawned workers start with default logging; give them this process's level for our logs.
@@ -193,5 +201,15 @@ def run_curation(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
             from facedata.attributes import load_predictors
 
             load_predictors(cfg.attributes, cfg.faces)
-    runner = task_runner(cfg.runner)
-    return curate.with_options(task_runner=runner)(cfg.model_dump(mode="json"), str(run_dir), progress)
+        if cfg.relevance.checkpoint:
+            from facedata.flip.embed import load_checkpoint
+
+            load_checkpoint(cfg.relevance.checkpoint)
+    return curation_flow(cfg)(cfg.model_dump(mode="json"), str(run_dir), progress)
+
+
+def curation_flow(cfg: Config):
+    """The curate flow with the config's task runner and flow retry policy (also what
+    `facedata serve` deploys)."""
+    return curate.with_options(task_runner=task_runner(cfg.runner), retries=cfg.runner.flow_retries,
+                               retry_delay_seconds=cfg.runner.flow_retry_delay_s)

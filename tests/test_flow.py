@@ -182,3 +182,8 @@ def test_demo_end_to_end(demo_run):
     assert "timeout" in stdout and "opted_out" in stdout and "captions" in stdout
     manifest = json.loads((out / "dataset" / "manifest.json").read_text())
     assert manifest["n_samples"] == len(kept) and (out / "dataset" / "README.md").exists()
+    # It ends by training the tiny FLIP model, which fits its training captions where the same
+    # architecture at random initialisation does not (eight held-out faces are too few to judge).
+    fit = json.loads((out / "flip" / "eval.json").read_text())["train_retrieval"]
+    assert fit["text_to_image"]["R@5"]["trained"] > fit["text_to_image"]["R@5"]["random_init"] + 0.2
+    assert "train fit" in stdout and (out / "flip" / "loss.png").exists()

@@ -19,7 +19,7 @@ from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
 from facedata import hub
 from facedata.errors import UserError
-from facedata.hub import Destination, parse_destination, upload_plan, upload_to_hub
+from facedata.hub import LOCAL_ONLY_PATTERNS, Destination, parse_destination, upload_plan, upload_to_hub
 
 TOKEN = "hf_TestTokenDoNotLeak0123456789abcdef"
 
@@ -102,6 +102,7 @@ def dataset(tmp_path):
     (root / ".cache" / "huggingface" / "upload" / "state.metadata").write_text("resume state")
     (root / ".git").mkdir()
     (root / ".git" / "HEAD").write_text("ref: refs/heads/main")
+    make_files(root / "search" / "0123abcd" / "all", 2, size=10)  # `facedata search`'s local index
     return root
 
 
@@ -179,7 +180,7 @@ def test_plan_splits_250_small_files_into_3_commits(tmp_path):
     assert d["files"] == 250 and [c["files"] for c in d["commits"]] == [100, 100, 50]
 
 
-def test_plan_leaves_out_hub_bookkeeping(dataset):
+def test_plan_leaves_out_hub_bookkeeping_and_the_search_index(dataset):
     plan = upload_plan(dataset)
     assert [f.path for f in plan.files] == ["README.md", "data/f00000.bin", "data/f00001.bin", "data/f00002.bin"]
 
@@ -277,6 +278,7 @@ def test_upload_creates_private_repo_then_uploads(dataset):
     kwargs = api.calls[1][2]
     assert kwargs["repo_id"] == "alice/faces" and kwargs["folder_path"] == str(dataset)
     assert kwargs["repo_type"] == "dataset" and kwargs["revision"] is None
+    assert kwargs["ignore_patterns"] == LOCAL_ONLY_PATTERNS  # a search index stays local
     assert result["method"] == "upload_folder" and result["oid"] == "0" * 40
     assert result["private"] is True and result["url"] == "https://huggingface.co/datasets/alice/faces"
     assert TOKEN not in repr(result)
@@ -290,7 +292,8 @@ def test_legacy_client_uses_upload_large_folder(dataset):
     assert api.calls[1] == ("create_branch", ("alice/faces",),
                             {"branch": "v2", "repo_type": "dataset", "exist_ok": True})
     assert api.calls[2][2] == {"repo_id": "alice/faces", "folder_path": str(dataset), "repo_type": "dataset",
-                               "revision": "v2", "private": False, "num_workers": 3}
+                               "revision": "v2", "private": False, "num_workers": 3,
+                               "ignore_patterns": LOCAL_ONLY_PATTERNS}
 
 
 def test_main_revision_needs_no_branch(dataset):
