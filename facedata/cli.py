@@ -16,6 +16,7 @@ from facedata.errors import UserError
 from facedata.flip.evaluate import add_eval_parser, run_eval_command
 from facedata.flip.search import add_search_parser, run_search_command
 from facedata.prefect_env import configure_prefect
+from flows.deploy import add_serve_parser, run_serve_command
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_publish(sub)
     add_eval_parser(sub)
     add_search_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 
@@ -188,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"run": cmd_run, "demo": cmd_demo, "detect": cmd_detect, "train": cmd_train,
                 "publish": cmd_publish, "search": run_search_command,
-                "eval": run_eval_command}[args.command](args)
+                "eval": run_eval_command, "serve": run_serve_command}[args.command](args)
     except UserError as err:
         print(f"facedata: error: {err}", file=sys.stderr)
         return 2

@@ -222,16 +222,19 @@ class RunnerConfig(_Section):
     # dask: shard tasks on a Dask cluster (a local one of max_workers single-thread worker
     # processes, or the existing cluster at dask_address).
     kind: Literal["thread", "process", "dask"] = "thread"
-    # Shards processed at once (dask: worker processes of the local cluster).
+    # Shards processed at once (dask: worker processes of the local cluster; with dask_address,
+    # set it to the cluster's worker threads: each shard's face task is queued that many later).
     max_workers: int = Field(2, gt=0)
     task_retries: int = Field(1, ge=0)
     # An existing Dask scheduler, e.g. tcp://host:8786 (kind dask only); None starts a local cluster.
-    # Its workers need facedata installed and a Prefect server they can reach (PREFECT_API_URL).
+    # Its workers need facedata installed, the run directory at the same path (shared storage: the
+    # stages read and write it directly) and a route to this run's Prefect API, whose URL they are
+    # given (a temporary server listens on 127.0.0.1 only: set PREFECT_API_URL to a shared server).
     dask_address: str | None = None
     # Reruns of a whole failed flow run (it resumes from the shards' done markers), and the wait
     # before each; for unattended scheduled runs (`facedata serve`).
     flow_retries: int = Field(0, ge=0)
-    flow_retry_delay_s: float = Field(60.0, ge=0)
+    flow_retry_delay_s: int = Field(60, ge=0)
 
     @field_validator("dask_address")
     @classmethod

@@ -120,6 +120,10 @@ def _submit_shards(
 
 @flow(name="curate")
 def curate(config: dict, run_dir: str, progress: bool = True) -> dict:
+    if not logging.getLogger("facedata").level:
+        # A run started by `facedata serve` is a fresh process where only Prefect's root level
+        # (WARNING) applies: keep our per-shard INFO lines in the run's logs.
+        logging.getLogger("facedata").setLevel(logging.INFO)
     cfg = Config.model_validate(config)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(Path(run_dir) / "config.yaml", yaml.safe_dump(config, sort_keys=False).encode())

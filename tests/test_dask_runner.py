@@ -1,0 +1,135 @@
+"""The Dask task runner: a real curation run on a local Dask cluster through the CLI.
+
+Model loads are counted in the Dask worker processes themselves: the run's workers preload this
+module (dask's `distributed.worker.preload`, set through the environment the CLI's local cluster
+passes on), whose `dask_setup` wraps the real model loaders so that each call appends
+"PID KIND" to the file named by $FACEDATA_TEST_LOAD_LOG.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from facedata import records
+from facedata.config import RunnerConfig, config_from_dict
+from tests.conftest import facedata_cmd
+from tests.test_flow import check_run_consistent, write_config, write_corpus
+
+LOAD_LOG_ENV = "FACEDATA_TEST_LOAD_LOG"
+
+
+def _log_load(kind: str) -> None:
+    with open(os.environ[LOAD_LOG_ENV], "a") as f:
+        f.write(f"{os.getpid()} {kind}\n")
+
+
+def _counting(kind: str, loader):
+    @functools.wraps(loader)
+    def wrapper(*args, **kwargs):
+        _log_load(kind)
+        return loader(*args, **kwargs)
+
+    return wrapper
+
+
+def dask_setup(worker) -> None:
+    """Dask worker preload hook: count real model loads in this worker process."""
+    if LOAD_LOG_ENV not in os.environ:
+        return
+    from facedata import face_models
+    from facedata.attributes import age_gender
+
+    # The face models' loader, called by load_models on a cache miss only.
+    face_models._vectron_models = _counting("faces", face_models._vectron_models)
+    # Looked up in its module by facedata.attributes._load (an lru_cache) on each cache miss.
+    age_gender.load_age_gender = _counting("attributes", age_gender.load_age_gender)
+    _log_load("worker")
+
+
+@pytest.fixture(scope="module")
+def prefect_settings(tmp_path_factory):
+    """Quiet Prefect settings, in a temporary home, before this process imports Prefect."""
+    from facedata.prefect_env import configure_prefect
+
+    configure_prefect(tmp_path_factory.mktemp("prefect_home"))
+
+
+def test_local_cluster_settings(prefect_settings):
+    from flows.curate import task_runner
+    from flows.dask_runner import FacedataDaskTaskRunner
+
+    runner = task_runner(RunnerConfig(kind="dask", max_workers=3))
+    assert isinstance(runner, FacedataDaskTaskRunner) and runner.address is None
+    assert runner.cluster_kwargs == {"n_workers": 3, "threads_per_worker": 1, "processes": True,
+                                     "dashboard_address": None}
+    remote = task_runner(RunnerConfig(kind="dask", dask_address="tcp://10.0.0.5:8786"))
+    assert remote.address == "tcp://10.0.0.5:8786" and not remote.cluster_kwargs
+    # Workers rebuild the runner from its settings (Prefect's duplicate()): still ours.
+    assert type(runner.duplicate()) is FacedataDaskTaskRunner
+
+
+def test_config_rejects_bad_address():
+    from facedata.config import ConfigError
+
+    base = {"input": {"path": "x.parquet"}}
+    with pytest.raises(ConfigError, match="runner.dask_address"):
+        config_from_dict({**base, "runner": {"kind": "dask", "dask_address": "scheduler"}})
+    cfg = config_from_dict({**base, "runner": {"kind": "dask", "flow_retries": 2}})
+    assert cfg.runner.flow_retries == 2 and cfg.runner.flow_retry_delay_s == 60
+
+
+def _final_records(run_dir: Path, n_samples: int) -> dict[str, tuple]:
+    """key -> (status, face caption) of the run's final records, after the consistency checks."""
+    table = check_run_consistent(run_dir, n_samples)
+    return {r["key"]: (r["status"], r["face_caption"])
+            for r in table.select(["key", "status", "face_caption"]).to_pylist()}
+
+
+@pytest.mark.slow
+def test_dask_runner_matches_thread_runner(tmp_path, web, web_root, cli_env):
+    photos = sorted(p.name for p in web_root.glob("*_studio_portrait.jpg"))[:5]
+    rows = [(web.url(name), f"photo {i}") for i, name in enumerate(photos)]
+    rows += [(web.url("status/404"), "gone"), (web.url("chelsea.png"), "cat")]
+    corpus = write_corpus(tmp_path / "corpus.parquet", rows)
+    # Three shards on two workers: one worker takes a second shard's face and caption tasks.
+    # Face parsing left out: its model takes ~10 s to load, in each worker.
+    cfg = write_config(tmp_path / "run.yaml", corpus, shards={"samples_per_shard": 3},
+                       attributes={"predictors": ["age_gender", "expression", "geometry"]},
+                       output={"contact_sheet": False})
+    runs = {}
+    load_log = tmp_path / "loads.txt"
+    for kind in ("thread", "dask"):
+        env = dict(cli_env)
+        if kind == "dask":
+            env[LOAD_LOG_ENV] = str(load_log)
+            env["DASK_DISTRIBUTED__WORKER__PRELOAD"] = "['tests.test_dask_runner']"
+        runs[kind] = tmp_path / kind
+        proc = subprocess.run(
+            facedata_cmd("run", str(cfg), "--output", str(runs[kind]), "--no-progress",
+                         "--set", f"runner.kind={kind}"),
+            env=env, capture_output=True, text=True, timeout=240,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        # Worker start and stop chatter from distributed stays out of the user's terminal.
+        assert "distributed.nanny" not in proc.stderr and "distributed.scheduler" not in proc.stderr
+
+    thread, dask = (_final_records(runs[kind], len(rows)) for kind in ("thread", "dask"))
+    assert dask == thread
+    statuses = Counter(status for status, *_ in dask.values())
+    assert statuses == {records.OK: len(photos), "http_404": 1, records.NO_FACE: 1}
+    assert len(list((runs["dask"] / "shards").glob("*.tar"))) == 3
+
+    loads = Counter(tuple(line.split()) for line in load_log.read_text().splitlines())
+    workers = {pid for pid, kind in loads if kind == "worker"}
+    assert len(workers) == 2, loads
+    # Each worker that ran face (caption) tasks loaded the models exactly once, though the two
+    # workers ran three shards' face and caption tasks between them.
+    for kind in ("faces", "attributes"):
+        loaded = {pid: n for (pid, k), n in loads.items() if k == kind}
+        assert loaded and set(loaded) <= workers and set(loaded.values()) == {1}, loads

@@ -1,0 +1,255 @@
+"""Scheduled runs: the deployments `facedata serve` builds, and a served run against a real
+`prefect server start` that finds its input unchanged and does nothing new."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from facedata.config import load_config
+from facedata.errors import UserError
+from facedata.prefect_env import QUIET_DEFAULTS, configure_prefect
+from facedata.reader import InputError, plan_shards
+from tests.conftest import REPO, facedata_cmd
+from tests.test_flow import check_run_consistent, write_config, write_corpus
+
+# `facedata serve` through the CLI once it is wired there; until then the same steps as its main().
+_SERVE_SHIM = (
+    "import argparse, sys; from facedata.prefect_env import configure_prefect; configure_prefect(); "
+    "from flows.deploy import add_serve_parser, run_serve_command; p = argparse.ArgumentParser(); "
+    "add_serve_parser(p.add_subparsers(dest='command')); sys.exit(run_serve_command(p.parse_args(sys.argv[1:])))"
+)
+
+
+def _cli_has_serve() -> bool:
+    from facedata.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return "serve" in sub.choices
+
+
+def serve_cmd(*args: str) -> list[str]:
+    if _cli_has_serve():
+        return facedata_cmd("serve", *args)
+    return [sys.executable, "-c", _SERVE_SHIM, "serve", *args]
+
+
+def parse_serve(*argv: str):
+    from flows.deploy import add_serve_parser
+
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["serve", *argv])
+
+
+@pytest.fixture(scope="module")
+def prefect_settings(tmp_path_factory):
+    """Quiet Prefect settings for building deployments in this process (no server is contacted)."""
+    configure_prefect(tmp_path_factory.mktemp("prefect_home"))
+
+
+def test_curation_deployment(tmp_path, prefect_settings):
+    from flows.dask_runner import FacedataDaskTaskRunner
+    from flows.deploy import build_deployments, build_specs
+
+    cfg_path = REPO / "configs" / "demo.yaml"
+    args = parse_serve(str(cfg_path), "--cron", "30 3 * * 1-5", "--timezone", "Europe/Paris", "--name", "nightly",
+                       "--output", str(tmp_path / "run"), "--set", "runner.kind=dask",
+                       "--set", "runner.flow_retries=2", "--set", "runner.flow_retry_delay_s=5")
+    [deployment] = build_deployments(args)
+    assert (deployment.flow_name, deployment.name) == ("curate", "nightly")
+    assert deployment.entrypoint == "flows/curate.py:curate"
+    [schedule] = deployment.schedules
+    assert schedule.active and schedule.schedule.cron == "30 3 * * 1-5"
+    assert schedule.schedule.timezone == "Europe/Paris"
+    expected = load_config(cfg_path, ["runner.kind=dask", "runner.flow_retries=2", "runner.flow_retry_delay_s=5"])
+    assert deployment.parameters == {"config": expected.model_dump(mode="json"), "run_dir": str(tmp_path / "run"),
+                                     "progress": False}
+    assert deployment.concurrency_limit == 1
+    assert deployment.concurrency_options.collision_strategy.value == "CANCEL_NEW"
+    # The flow object the runner executes for each run carries the config's task runner and retries.
+    [(flow, options)] = build_specs(args)
+    assert isinstance(flow.task_runner, FacedataDaskTaskRunner)
+    assert flow.task_runner.cluster_kwargs["n_workers"] == expected.runner.max_workers
+    assert (flow.retries, flow.retry_delay_seconds) == (2, 5)
+    assert options["parameters"] == deployment.parameters
+
+
+def test_default_schedule_and_training_deployment(prefect_settings):
+    from flows.deploy import DEFAULT_CRON, build_deployments
+
+    args = parse_serve(str(REPO / "configs" / "demo.yaml"), "--train-config", str(REPO / "configs" / "flip_tiny.yaml"),
+                       "--train-cron", "0 5 * * 0")
+    curation, training = build_deployments(args)
+    assert curation.name == "demo" and curation.schedules[0].schedule.cron == DEFAULT_CRON == "0 2 * * *"
+    assert Path(curation.parameters["run_dir"]).is_absolute()
+    assert (training.flow_name, training.name) == ("train-flip", "flip_tiny")
+    assert training.schedules[0].schedule.cron == "0 5 * * 0"
+    assert set(training.parameters) == {"config", "progress"}
+    # No --train-cron: the training deployment runs on demand only.
+    _, on_demand = build_deployments(parse_serve(str(REPO / "configs" / "demo.yaml"),
+                                                 "--train-config", str(REPO / "configs" / "flip_tiny.yaml")))
+    assert not on_demand.schedules
+
+
+def test_bad_cron_and_missing_server(prefect_settings):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.deploy import build_deployments, check_server
+
+    with pytest.raises(UserError, match="--cron: Invalid cron string"):
+        build_deployments(parse_serve(str(REPO / "configs" / "demo.yaml"), "--cron", "every night"))
+    with temporary_settings(updates={PREFECT_API_URL: None}), pytest.raises(UserError, match="server start"):
+        check_server()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(check, timeout: float, what: str, proc: subprocess.Popen | None = None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{what}: process exited with {proc.returncode}")
+        try:
+            result = check()
+        except httpx.HTTPError:
+            result = None
+        if result:
+            return result
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _flow_run_processes(pid: int) -> list[int]:
+    """Children of `pid` running a flow run (multiprocessing spawn), from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == pid and b"spawn_main" in (stat.parent / "cmdline").read_bytes():
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def _done_files(run_dir: Path) -> dict[str, int]:
+    """Every stage's done marker and output, with its modification time."""
+    names = ["_plan/*", "shards/*", "faces/*", "identity/*", "captions/*"]
+    return {str(p.relative_to(run_dir)): p.stat().st_mtime_ns for pattern in names for p in run_dir.glob(pattern)}
+
+
+@pytest.mark.slow
+def test_served_run_of_unchanged_input_does_nothing_new(tmp_path, web, web_root, cli_env):
+    """Curate once; serve the config against a real Prefect server; the deployment is there with its
+    schedule and parameters; a run of it finds every shard done and rewrites none of them. Then a
+    changed input is refused by the planning step the flow starts with."""
+    photos = sorted(p.name for p in web_root.glob("*_amateur_selfie.jpg"))[:3]
+    rows = [(web.url(name), f"photo {i}") for i, name in enumerate(photos)] + [(web.url("status/404"), "gone")]
+    corpus = write_corpus(tmp_path / "corpus.parquet", rows)
+    cfg = write_config(tmp_path / "nightly.yaml", corpus, shards={"samples_per_shard": 2},
+                       attributes={"predictors": ["age_gender", "geometry"]}, output={"contact_sheet": False})
+    run_dir = tmp_path / "run"
+    first = subprocess.run(facedata_cmd("run", str(cfg), "--output", str(run_dir), "--no-progress"),
+                           env=cli_env, capture_output=True, text=True, timeout=240)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = _done_files(run_dir)
+    assert len([n for n in before if n.endswith(".stats.json")]) == 3 * 2  # shards, faces, captions
+    assert "identity/identity.json" in before
+    summary_mtime = (run_dir / "summary.json").stat().st_mtime_ns
+
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    serve_log = tmp_path / "serve.log"
+    logs_out = [(tmp_path / "server.log").open("w"), serve_log.open("w")]
+    server_env = {**cli_env, **QUIET_DEFAULTS, "PREFECT_SERVER_LOGGING_LEVEL": "WARNING"}
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
+         "--no-ui", "--analytics-off"],
+        env=server_env, stdout=subprocess.DEVNULL, stderr=logs_out[0], start_new_session=True)
+    serve = None
+    try:
+        _wait_for(lambda: httpx.get(f"{api}/health", timeout=2).status_code == 200, 90, "prefect server", server)
+        serve_env = {**cli_env, "PREFECT_API_URL": api, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+        # On the Dask runner, retrying once: only the flow object the runner keeps has that policy.
+        overrides = ["runner.kind=dask", "runner.flow_retries=1", "runner.flow_retry_delay_s=1"]
+        serve = subprocess.Popen(
+            serve_cmd(str(cfg), "--cron", "0 2 * * *", "--name", "nightly", "--output", str(run_dir),
+                      *[arg for item in overrides for arg in ("--set", item)]),
+            env=serve_env, stdout=logs_out[1], stderr=subprocess.STDOUT, start_new_session=True)
+
+        def deployment():
+            r = httpx.get(f"{api}/deployments/name/curate/nightly", timeout=5)
+            return r.json() if r.status_code == 200 else None
+
+        dep = _wait_for(deployment, 60, "the served deployment", serve)
+        [schedule] = dep["schedules"]
+        assert schedule["schedule"]["cron"] == "0 2 * * *" and schedule["active"] and not dep["paused"]
+        assert dep["parameters"]["run_dir"] == str(run_dir)
+        assert dep["parameters"]["config"] == load_config(cfg, overrides).model_dump(mode="json")
+        assert dep["global_concurrency_limit"]["limit"] == 1
+        assert dep["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
+
+        # What the schedule would start at 02:00, now.
+        run = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={}, timeout=10).json()
+
+        def finished():
+            state = httpx.get(f"{api}/flow_runs/{run['id']}", timeout=5).json()["state"]
+            return state if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
+
+        state = _wait_for(finished, 120, "the served flow run", serve)
+        assert state["type"] == "COMPLETED", (state, serve_log.read_text()[-3000:])
+        flow_run = httpx.get(f"{api}/flow_runs/{run['id']}", timeout=5).json()
+        assert flow_run["empirical_policy"]["retries"] == 1 and flow_run["parameters"]["run_dir"] == str(run_dir)
+        # The stages' own log lines reach the run's logs on the server (shipped in batches), from the
+        # Dask workers too: every stage of the 2 shards, and the identity stage, was skipped.
+        def skipped():
+            logs = httpx.post(f"{api}/logs/filter", json={"logs": {"flow_run_id": {"any_": [run["id"]]}},
+                                                          "limit": 200}, timeout=10).json()
+            lines = [entry["message"] for entry in logs if "already done, skipped" in entry["message"]]
+            return lines if len(lines) >= 3 * 2 + 1 else None
+
+        assert len(_wait_for(skipped, 20, "the skipped-stage log lines")) == 3 * 2 + 1
+        # Let the run's process close its Dask cluster (~2 s) before stopping: interrupted, that takes ~11 s.
+        _wait_for(lambda: not _flow_run_processes(serve.pid), 30, "the flow run's process to exit")
+    finally:
+        if serve is not None:
+            _stop(serve)
+        _stop(server)
+        for f in logs_out:
+            f.close()
+
+    after = _done_files(run_dir)
+    assert after == before, "an unchanged input should leave every stage's files untouched"
+    assert (run_dir / "summary.json").stat().st_mtime_ns > summary_mtime, "the served run should report"
+    check_run_consistent(run_dir, len(rows))
+
+    # A changed input (here one more row) no longer matches the run's plan: refused, not mixed in.
+    write_corpus(corpus, rows + [(web.url("coffee.png"), "coffee")])
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    with pytest.raises(InputError, match="belongs to another input"):
+        plan_shards(load_config(cfg).input, saved["shards"]["samples_per_shard"], run_dir / "_plan")
