@@ -304,9 +304,9 @@ def config_from_dict(data: dict, source: str = "<config>", overrides: list[str] 
         raise _first_error(source, err) from None
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Read and validate a YAML config. Relative input paths are resolved against the file's folder."""
-    path = Path(path)
+def read_yaml_mapping(path: Path) -> dict:
+    """A config file's YAML as a mapping of sections; a one-line ConfigError naming the file and
+    line otherwise."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
@@ -319,7 +319,13 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raise ConfigError(f"{path}: {where}: not valid YAML ({getattr(err, 'problem', err)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: (top level): expected a mapping of sections, got {type(data).__name__}")
-    cfg = config_from_dict(data, str(path), overrides)
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read and validate a YAML config. Relative input paths are resolved against the file's folder."""
+    path = Path(path)
+    cfg = config_from_dict(read_yaml_mapping(path), str(path), overrides)
     in_path = cfg.input.path
     if cfg.input.format != "hf" and not Path(in_path).is_absolute() and "://" not in in_path:
         candidate = path.parent / in_path

@@ -18,10 +18,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from facedata.config import ConfigError, _apply_override, _first_error
+from facedata.config import _apply_override, _first_error, read_yaml_mapping
 
 
 class _Section(BaseModel):
@@ -224,19 +223,7 @@ def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfi
     """Read and validate a training YAML. data.dir and model.pretrained, when relative, are
     resolved against the config file's folder when they exist there (as input.path is)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read config: {err.strerror}") from None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else "?"
-        raise ConfigError(f"{path}: {where}: not valid YAML ({getattr(err, 'problem', err)})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: (top level): expected a mapping of sections, got {type(data).__name__}")
-    cfg = train_config_from_dict(data, str(path), overrides)
+    cfg = train_config_from_dict(read_yaml_mapping(path), str(path), overrides)
     cfg.data.dir = _beside(path, cfg.data.dir)
     if cfg.model.pretrained:
         cfg.model.pretrained = _beside(path, cfg.model.pretrained)
