@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -21,6 +24,36 @@ def openpeople_photos() -> list[Path]:
     curated = package_dir("openpeople") / "data" / "curated"
     shots = ("studio_portrait", "amateur_selfie", "amateur_posture", "studio_posture")
     return [p / "assets" / f"{s}.jpg" for p in sorted(curated.glob("P*")) for s in shots]
+
+
+def download_and_find_faces(web_root: Path, run: Path, rows: list[dict], make_config, samples_per_shard: int) -> list[int]:
+    """Serve web_root on loopback, write run/corpus.parquet from `rows` (each: `file` under web_root,
+    plus the corpus's other columns) and run the real download and face stages over every shard.
+    `make_config(corpus_path)` gives the run's Config. Returns the shard ids."""
+    from facedata.download_stage import run_download_shard
+    from facedata.face_stage import run_face_shard
+    from facedata.reader import plan_shards
+
+    with LoopbackServer(web_root) as server:
+        columns = {"url": [server.url(row["file"]) for row in rows]}
+        for name in rows[0]:
+            if name != "file":
+                columns[name] = [row[name] for row in rows]
+        pq.write_table(pa.table(columns), run / "corpus.parquet")
+        cfg = make_config(run / "corpus.parquet")
+        plans = plan_shards(cfg.input, samples_per_shard, run / "_plan")
+        for plan in plans:
+            run_download_shard(plan, cfg, run / "shards", progress=False)
+            run_face_shard(plan.shard_id, cfg, run, progress=False)
+    return [p.shard_id for p in plans]
+
+
+def copy_faced_run(run: Path, tmp_path: Path) -> Path:
+    """A private copy of a run's download and face stages, for a test that runs later stages on it."""
+    target = tmp_path / "run"
+    for part in ("shards", "faces"):
+        shutil.copytree(run / part, target / part)
+    return target
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ import json
 import shutil
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -16,12 +15,8 @@ from facedata import records
 from facedata.caption_stage import caption_dir, run_caption_shard
 from facedata.captions import attribute_words
 from facedata.config import ConfigError, config_from_dict
-from facedata.download_stage import run_download_shard
-from facedata.face_stage import run_face_shard
-from facedata.reader import plan_shards
 from facedata.summary import write_run_report
-from facedata.webserver import LoopbackServer
-from tests.conftest import package_dir
+from tests.conftest import copy_faced_run, download_and_find_faces, package_dir
 
 PEOPLE = [f"P{i:03d}" for i in range(1, 11)]
 
@@ -50,30 +45,18 @@ def base_run(tmp_path_factory):
         src = package_dir("openpeople") / "data" / "curated" / pid / "assets" / "studio_portrait.jpg"
         with Image.open(src) as im:
             im.convert("RGB").resize((im.width // 2, im.height // 2)).save(root / f"{pid}.jpg", quality=90)
-        rows.append((f"{pid}.jpg", f"stock photo {pid}"))
+        rows.append({"file": f"{pid}.jpg", "caption": f"stock photo {pid}"})
     with Image.open(package_dir("skimage") / "data" / "astronaut.png") as im:
         im.convert("L").save(root / "astronaut_grey.png")
-    rows.append(("astronaut_grey.png", "astronaut portrait"))
+    rows.append({"file": "astronaut_grey.png", "caption": "astronaut portrait"})
     shutil.copy(package_dir("skimage") / "data" / "coffee.png", root / "coffee.png")
-    rows.append(("coffee.png", "a cup of coffee"))
+    rows.append({"file": "coffee.png", "caption": "a cup of coffee"})
     run = tmp_path_factory.mktemp("caption_run")
-    with LoopbackServer(root) as server:
-        pq.write_table(pa.table({"url": [server.url(name) for name, _ in rows],
-                                 "caption": [c for _, c in rows]}), run / "corpus.parquet")
-        cfg = make_config(run / "corpus.parquet")
-        plans = plan_shards(cfg.input, 8, run / "_plan")
-        for plan in plans:
-            run_download_shard(plan, cfg, run / "shards", progress=False)
-            run_face_shard(plan.shard_id, cfg, run, progress=False)
-    return run, [p.shard_id for p in plans]
+    return run, download_and_find_faces(root, run, rows, make_config, samples_per_shard=8)
 
 
 def fresh_copy(base_run, tmp_path) -> Path:
-    run, _ = base_run
-    target = tmp_path / "run"
-    for part in ("shards", "faces"):
-        shutil.copytree(run / part, target / part)
-    return target
+    return copy_faced_run(base_run[0], tmp_path)
 
 
 def caption_rows(run: Path) -> dict[str, dict]:

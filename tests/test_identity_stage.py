@@ -14,14 +14,10 @@ from PIL import Image
 
 from facedata import records
 from facedata.config import config_from_dict
-from facedata.download_stage import run_download_shard
 from facedata.errors import UserError
-from facedata.face_stage import run_face_shard
 from facedata.identity_stage import identity_dir, run_identity_stage
-from facedata.reader import plan_shards
 from facedata.shards import read_records
-from facedata.webserver import LoopbackServer
-from tests.conftest import package_dir
+from tests.conftest import copy_faced_run, download_and_find_faces, package_dir
 
 SHOTS = ("studio_portrait", "amateur_selfie", "amateur_posture", "studio_posture")
 PEOPLE = [f"P{i:03d}" for i in range(1, 11)]
@@ -49,31 +45,18 @@ def base_run(tmp_path_factory):
         for shot in SHOTS:
             with Image.open(person_photo(person, shot)) as im:
                 im.convert("RGB").resize((im.width // 2, im.height // 2)).save(root / f"{person}_{shot}.jpg", quality=90)
-            rows.append((f"{person}_{shot}.jpg", person))
+            rows.append({"file": f"{person}_{shot}.jpg", "caption": f"photo of {person}", "person": person})
     with Image.open(root / "P006_studio_portrait.jpg") as im:  # the same shot, smaller
         im.resize((600, 600), Image.Resampling.LANCZOS).save(root / "repost.jpg", quality=80)
-    rows.append(("repost.jpg", "P006"))
+    rows.append({"file": "repost.jpg", "caption": "photo of P006", "person": "P006"})
     shutil.copy(package_dir("skimage") / "data" / "astronaut.png", root / "astronaut.png")
-    rows.append(("astronaut.png", "astronaut"))
+    rows.append({"file": "astronaut.png", "caption": "photo of astronaut", "person": "astronaut"})
     run = tmp_path_factory.mktemp("identity_run")
-    with LoopbackServer(root) as server:
-        pq.write_table(pa.table({"url": [server.url(name) for name, _ in rows],
-                                 "caption": [f"photo of {p}" for _, p in rows],
-                                 "person": [p for _, p in rows]}), run / "corpus.parquet")
-        cfg = make_config(run / "corpus.parquet")
-        plans = plan_shards(cfg.input, 16, run / "_plan")
-        for plan in plans:
-            run_download_shard(plan, cfg, run / "shards", progress=False)
-            run_face_shard(plan.shard_id, cfg, run, progress=False)
-    return run, [p.shard_id for p in plans]
+    return run, download_and_find_faces(root, run, rows, make_config, samples_per_shard=16)
 
 
 def fresh_copy(base_run, tmp_path) -> Path:
-    run, _ = base_run
-    target = tmp_path / "run"
-    for part in ("shards", "faces"):
-        shutil.copytree(run / part, target / part)
-    return target
+    return copy_faced_run(base_run[0], tmp_path)
 
 
 def final_rows(run) -> list[dict]:
