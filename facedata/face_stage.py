@@ -68,7 +68,14 @@ from facedata.face_models import (
     sharpness,
 )
 from facedata.imaging import ImageError, decode_rgb
-from facedata.shards import atomic_path, is_done, read_stats, shard_name, write_json
+from facedata.shards import (
+    atomic_path,
+    atomic_write_bytes,
+    is_done,
+    read_stats,
+    shard_name,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -337,8 +344,11 @@ def _write_embeddings(path: Path, embeddings: list[np.ndarray], dim: int) -> Non
     matrix = np.stack(embeddings) if embeddings else np.zeros((0, dim), dtype=np.float32)
     # Renormalise before rounding to float16 so each stored row is as close to unit norm as it can be.
     matrix = matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, matrix.astype(np.float16))
+    # Through a buffer: numpy writing to a file reports a short write without its cause (on a full
+    # disk, "8192 requested and 4096 written").
+    buffer = io.BytesIO()
+    np.save(buffer, matrix.astype(np.float16))
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _analyze_shard(

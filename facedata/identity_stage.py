@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import tarfile
 import time
 from collections import Counter
@@ -122,6 +123,10 @@ def gather_faces(run_dir: Path, shard_ids: list[int], out_path: Path) -> tuple[n
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_path) as tmp:
         emb = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(total, dim))
+        # Take the file's disk space now, while running out of it is an OSError: a store to a mapped
+        # page the disk has no room for kills the whole process (SIGBUS), without a word.
+        with open(tmp, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
         parts: dict[str, list[np.ndarray]] = {}
         offset = 0
         for shard_id, array in zip(shard_ids, arrays):

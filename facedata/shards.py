@@ -19,6 +19,8 @@ import tarfile
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +81,15 @@ class atomic_path:
             os.replace(self.tmp, self.path)
         else:
             self.tmp.unlink(missing_ok=True)
+            raise_naming(exc, self.path)
+
+
+def raise_naming(err: BaseException | None, path: Path) -> None:
+    """Raise `err` as an OSError naming `path`, the output being written, when it is one that names no
+    file: a failed write or close (a full disk, a file size limit) gives only its errno, which leaves
+    the user to guess which output, and so which disk, it was. Otherwise return."""
+    if isinstance(err, OSError) and err.errno and err.filename is None:
+        raise OSError(err.errno, err.strerror, str(path)) from err
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -114,23 +125,39 @@ class ShardWriter:
         info.mode = 0o644
         self._tar.addfile(info, io.BytesIO(data))
 
+    @contextmanager
+    def _writing_tar(self) -> Iterator[None]:
+        """A failed write to the tar drops it at once, so that on a full disk the partial file does
+        not go on holding the space, and names it."""
+        try:
+            yield
+        except BaseException as err:
+            self.abort()
+            raise_naming(err, self._tar_target.path)
+            raise
+
     def add(self, record: dict, image: bytes | None = None, ext: str | None = None) -> None:
         """Add one sample's record; a kept sample (status ok) also goes into the tar."""
         if record["status"] == records.OK:
             key = record["key"]
-            self._add_member(f"{key}.{ext}", image)
-            self._add_member(f"{key}.txt", (record.get("caption") or "").encode("utf-8"))
             meta = {k: v for k, v in record.items() if k not in ("image",)}
-            self._add_member(f"{key}.json", json.dumps(meta, sort_keys=True, default=str).encode())
+            with self._writing_tar():
+                self._add_member(f"{key}.{ext}", image)
+                self._add_member(f"{key}.txt", (record.get("caption") or "").encode("utf-8"))
+                self._add_member(f"{key}.json", json.dumps(meta, sort_keys=True, default=str).encode())
         self._records.append(record)
 
     def abort(self) -> None:
-        self._tar.close()
+        """Remove the unfinished tar (again is a no-op). Closing it writes its end, which fails as
+        the writes did on a full disk: the file goes all the same."""
+        with suppress(OSError):
+            self._tar.close()
         self._tar_target.__exit__(RuntimeError, None, None)
 
     def close(self, extra_stats: dict | None = None) -> dict:
         """Finish the tar, write the parquet, then the stats file that marks the shard done."""
-        self._tar.close()
+        with self._writing_tar():
+            self._tar.close()
         self._tar_target.__exit__(None, None, None)
         rows = sorted(self._records, key=lambda r: r["key"])
         table = pa.Table.from_pylist(rows) if rows else pa.table({"key": pa.array([], pa.string())})
