@@ -220,10 +220,12 @@ class RunnerConfig(_Section):
     # Prefect task runner for the shard tasks. thread: all shards in one process (one GIL, ~1
     # core); process: one worker process per shard slot, so max_workers shards use that many cores;
     # dask: shard tasks on a Dask cluster (a local one of max_workers single-thread worker
-    # processes, or the existing cluster at dask_address).
-    kind: Literal["thread", "process", "dask"] = "thread"
-    # Shards processed at once (dask: worker processes of the local cluster; with dask_address,
-    # set it to the cluster's worker threads: each shard's face task is queued that many later).
+    # processes, or the existing cluster at dask_address); ray: shard tasks on Ray (a local
+    # instance of max_workers CPUs, or the existing cluster at ray_address; pip install 'facedata[ray]').
+    kind: Literal["thread", "process", "dask", "ray"] = "thread"
+    # Shards processed at once (dask: worker processes of the local cluster, ray: its CPUs; with
+    # dask_address or ray_address, set it to the cluster's worker slots: each shard's face task is
+    # queued that many later).
     max_workers: int = Field(2, gt=0)
     task_retries: int = Field(1, ge=0)
     # An existing Dask scheduler, e.g. tcp://host:8786 (kind dask only); None starts a local cluster.
@@ -231,6 +233,10 @@ class RunnerConfig(_Section):
     # stages read and write it directly) and a route to this run's Prefect API, whose URL they are
     # given (a temporary server listens on 127.0.0.1 only: set PREFECT_API_URL to a shared server).
     dask_address: str | None = None
+    # An existing Ray cluster (kind ray only): ray://host:10001 (Ray Client), host:6379 or auto
+    # (when this machine is a node of the cluster); None starts a local instance. Its workers need
+    # what dask_address's do.
+    ray_address: str | None = None
     # Reruns of a whole failed flow run (it resumes from the shards' done markers), and the wait
     # before each; for unattended scheduled runs (`facedata serve`).
     flow_retries: int = Field(0, ge=0)
@@ -241,6 +247,14 @@ class RunnerConfig(_Section):
     def _scheduler_address(cls, address: str | None) -> str | None:
         if address is not None and "://" not in address and ":" not in address:
             raise ValueError(f"expected a Dask scheduler address like tcp://host:8786 (got {address!r})")
+        return address
+
+    @field_validator("ray_address")
+    @classmethod
+    def _ray_address(cls, address: str | None) -> str | None:
+        if address is not None and address != "auto" and ":" not in address:
+            raise ValueError(
+                f"expected a Ray address like ray://host:10001, host:6379 or auto (got {address!r})")
         return address
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 QUIET_DEFAULTS = {
     # Without these the ephemeral server tries to send telemetry out of a closed network.
@@ -32,3 +33,10 @@ def configure_prefect(home: Path | None = None) -> None:
     os.environ.setdefault("PREFECT_HOME", str(home or Path.home() / ".cache" / "facedata" / "prefect"))
     # The ephemeral server does not create its home; without it the server never comes up.
     Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
+
+
+def is_loopback(url: str | None) -> bool:
+    """Whether a server address (a URL, or host:port) is on this machine only: a task runner's
+    workers on other hosts could not reach a Prefect API there."""
+    host = urlsplit(url if url and "://" in url else f"tcp://{url}").hostname or ""
+    return host in ("localhost", "::1") or host.startswith("127.")

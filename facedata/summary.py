@@ -148,16 +148,32 @@ def _add_captions(summary: dict, funnel: list[dict], run_dir: Path, stats_files:
         summary["n_ok"] = final.get(records.OK, 0)
 
 
-def format_summary(summary: dict) -> str:
+def funnel_rows(summary: dict) -> list[dict]:
+    """The funnel as table rows (stage, status, samples, share of the input): the input, then per
+    stage what it dropped, by status, and what it kept."""
     n = summary["n_samples"] or 1
-    lines = [f"{'stage':<10}{'status':<22}{'samples':>9}{'share':>8}"]
+    rows = []
     for step in summary["funnel"]:
         if step["stage"] == "input":
-            lines.append(f"{'input':<10}{'':<22}{step['kept']:>9}")
+            rows.append({"stage": "input", "status": "", "samples": step["kept"], "share": None})
             continue
         for status, count in step["dropped_by_status"].items():
-            lines.append(f"{step['stage']:<10}{status:<22}{count:>9}{count / n:>8.1%}")
-        lines.append(f"{step['stage']:<10}{'-> kept':<22}{step['kept']:>9}{step['kept'] / n:>8.1%}")
+            rows.append({"stage": step["stage"], "status": status, "samples": count, "share": count / n})
+        rows.append({"stage": step["stage"], "status": "-> kept", "samples": step["kept"], "share": step["kept"] / n})
+    return rows
+
+
+def stage_walls(summary: dict) -> list[tuple[str, dict]]:
+    """(stage, the flow's wall time and throughput for it) in funnel order, for the stages it timed."""
+    walls = summary.get("stage_seconds", {})
+    return [(step["stage"], walls[step["stage"]]) for step in summary["funnel"] if step["stage"] in walls]
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"{'stage':<10}{'status':<22}{'samples':>9}{'share':>8}"]
+    for row in funnel_rows(summary):
+        share = f"{row['share']:>8.1%}" if row["share"] is not None else ""
+        lines.append(f"{row['stage']:<10}{row['status']:<22}{row['samples']:>9}{share}")
     lines.append(
         f"{summary['n_ok']} kept of {summary['n_samples']} in {summary['n_shards']} shards; "
         f"{summary['bytes_downloaded'] / 1e6:.1f} MB read, {summary['bytes_stored'] / 1e6:.1f} MB stored"
@@ -180,6 +196,14 @@ def format_summary(summary: dict) -> str:
         lines.append(f"{captions['n_faces_described']} faces described{rate}; {stats['n']} captions, "
                      f"{stats['mean_words']:.1f} words on average, vocabulary {stats['vocabulary']}, "
                      f"distinct-2 {stats['distinct_2']:.3f}, {stats['duplicate_share']:.1%} exact duplicates")
+    walls = []
+    for stage, wall in stage_walls(summary):
+        if wall["per_second"] is not None:
+            walls.append(f"{stage} {wall['seconds']:.1f} s at {wall['per_second']:.1f} {wall['unit']}/s")
+        elif wall["shards_resumed"]:
+            walls.append(f"{stage} resumed")
+    if walls:
+        lines.append("wall time: " + ", ".join(walls))
     for role, info in summary.get("models", {}).items():
         lines.append(f"face {role}: {info['name']} {info['version']} ({info['licence']})")
     for info in summary.get("attribute_models", {}).values():
@@ -247,10 +271,14 @@ def iter_kept_samples(
                 return
 
 
-def write_run_report(run_dir: Path, faces: bool, max_sheet_items: int, contact_sheet: bool = True) -> dict:
-    """summary.json (and contact_sheet.png of the kept samples, faces boxed) in the run directory."""
+def write_run_report(run_dir: Path, faces: bool, max_sheet_items: int, contact_sheet: bool = True,
+                     stage_seconds: dict | None = None) -> dict:
+    """summary.json (and contact_sheet.png of the kept samples, faces boxed) in the run directory;
+    `stage_seconds`, the flow's per-stage wall times and throughput, goes into the summary as is."""
     run_dir = Path(run_dir)
     summary = summarize_run(run_dir, faces)
+    if stage_seconds:
+        summary["stage_seconds"] = stage_seconds
     if contact_sheet and summary["n_ok"]:
         sheet = make_contact_sheet(
             iter_kept_samples(run_dir, max_sheet_items, faces),

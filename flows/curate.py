@@ -27,10 +27,16 @@ from prefect.settings import PREFECT_API_URL
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from facedata.config import Config, RunnerConfig
+from facedata.errors import UserError
 from facedata.reader import ShardPlan, plan_shards
+from facedata.run_artifacts import RunProgress, publish_run_artifacts
 from facedata.shards import atomic_write_bytes
 
 log = logging.getLogger("facedata.flow")
+
+
+class RunIncomplete(UserError):
+    """Some shard tasks failed; what finished is kept and a rerun resumes."""
 
 
 @task(name="plan-shards", cache_policy=NO_CACHE)
@@ -70,11 +76,11 @@ def caption_shard_task(shard_id: int, cfg: Config, run_dir: str, progress: bool)
 
 
 @task(name="report", cache_policy=NO_CACHE)
-def report_task(cfg: Config, run_dir: str) -> dict:
+def report_task(cfg: Config, run_dir: str, stage_seconds: dict) -> dict:
     from facedata.summary import write_run_report
 
     return write_run_report(
-        Path(run_dir), cfg.faces.enabled, cfg.output.contact_sheet_max, cfg.output.contact_sheet
+        Path(run_dir), cfg.faces.enabled, cfg.output.contact_sheet_max, cfg.output.contact_sheet, stage_seconds
     )
 
 
@@ -128,24 +134,31 @@ def curate(config: dict, run_dir: str, progress: bool = True) -> dict:
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(Path(run_dir) / "config.yaml", yaml.safe_dump(config, sort_keys=False).encode())
     plans = plan_shards_task(cfg, run_dir)
-    submitted = _submit_shards(plans, cfg, run_dir, progress)
-    failed = []
-    for stage, plan, future in submitted:
-        future.wait()
-        # Not completed: failed, or (a face task) never started because its download failed.
-        if not future.state.is_completed():
-            failed.append(f"{stage} {plan.shard_id:05d} ({future.state.message})")
+    tracker = RunProgress(run_dir)
+    tracker.open("download", len(plans))
+    if cfg.faces.enabled:
+        tracker.open("faces", len(plans))
+    failed = tracker.wait(_submit_shards(plans, cfg, run_dir, progress))
     if cfg.faces.enabled and cfg.identity.enabled and not failed:
         identity_task(cfg, run_dir, [plan.shard_id for plan in plans])
     if cfg.faces.enabled and cfg.attributes.enabled and not failed:
         captions = caption_shard_task.with_options(retries=cfg.runner.task_retries)
-        for plan, future in [(plan, captions.submit(plan.shard_id, cfg, run_dir, progress)) for plan in plans]:
-            future.wait()
-            if not future.state.is_completed():
-                failed.append(f"captions {plan.shard_id:05d} ({future.state.message})")
-    summary = report_task(cfg, run_dir)
+        tracker.open("captions", len(plans))
+        failed += tracker.wait(
+            [("captions", plan, captions.submit(plan.shard_id, cfg, run_dir, progress)) for plan in plans]
+        )
+    try:
+        summary = report_task(cfg, run_dir, tracker.stage_seconds())
+    except Exception as err:
+        if not failed:
+            raise
+        # The shard failures come first: the report most often fails for the same reason (a full disk).
+        failed.append(f"report ({err})")
+    else:
+        # Before a failure is raised too: the report then shows how far the run got.
+        publish_run_artifacts(summary, run_dir)
     if failed:
-        raise RuntimeError(f"{len(failed)} shard tasks failed; rerun to resume: {', '.join(failed[:5])}")
+        raise RunIncomplete(f"{len(failed)} tasks failed; rerun to resume: {'; '.join(failed[:5])}")
     if cfg.publish.to:
         summary["published"] = publish_task(cfg, run_dir, progress)["destination"]
     return summary
@@ -167,6 +180,10 @@ def task_runner(cfg: RunnerConfig) -> TaskRunner:
         from flows.dask_runner import dask_task_runner
 
         return dask_task_runner(cfg)
+    if cfg.kind == "ray":
+        from flows.ray_runner import ray_task_runner
+
+        return ray_task_runner(cfg)
     if cfg.kind == "process":
         _share_api_server()
         # Spawned workers start with default logging; give them this process's level for our logs.

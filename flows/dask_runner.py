@@ -27,6 +27,7 @@ from prefect_dask.client import PrefectDaskClient
 
 from facedata.config import RunnerConfig
 from facedata.errors import UserError
+from facedata.prefect_env import is_loopback
 
 PLUGIN_NAME = "facedata-worker-setup"
 
@@ -63,7 +64,7 @@ class FacedataDaskTaskRunner(DaskTaskRunner):
                 where = f"the Dask scheduler at {self.address}" if self.address else "a local Dask cluster"
                 raise UserError(f"runner.kind dask: cannot connect to {where}: {err}") from err
             api_url = _flow_api_url()
-            if self.address and _is_loopback(api_url) and not _is_loopback(self.address):
+            if self.address and is_loopback(api_url) and not is_loopback(self.address):
                 logging.getLogger("facedata.flow").warning(
                     "Prefect API %s is on this machine only; Dask workers on other hosts cannot report to it "
                     "(set PREFECT_API_URL to a server they can reach)", api_url)
@@ -89,13 +90,6 @@ def _flow_api_url() -> str | None:
     if ctx is not None and ctx.client is not None:
         return str(ctx.client.api_url).rstrip("/")
     return PREFECT_API_URL.value()
-
-
-def _is_loopback(url: str | None) -> bool:
-    from urllib.parse import urlsplit
-
-    host = urlsplit(url if url and "://" in url else f"tcp://{url}").hostname or ""
-    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def dask_task_runner(cfg: RunnerConfig) -> FacedataDaskTaskRunner:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -78,6 +81,15 @@ def web(web_root):
 
 
 @pytest.fixture(scope="session")
+def prefect_settings(tmp_path_factory):
+    """Quiet Prefect settings, in a temporary home, for tests that use Prefect in this process.
+    Prefect reads them when first imported: the first test to ask sets them for the session."""
+    from facedata.prefect_env import configure_prefect
+
+    configure_prefect(tmp_path_factory.mktemp("prefect_home"))
+
+
+@pytest.fixture(scope="session")
 def cli_env(tmp_path_factory) -> dict:
     """Environment for `facedata` subprocesses: one quiet Prefect home shared by the session."""
     env = dict(os.environ)
@@ -103,3 +115,68 @@ def demo_run(tmp_path_factory, cli_env) -> Path:
     run_dir = out / "run"
     assert (run_dir / "summary.json").exists()
     return run_dir
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, timeout: float, what: str, proc: subprocess.Popen | None = None):
+    """Poll `check()` until it returns something true (an HTTP error counts as not yet); fail if
+    `proc` exits first or `timeout` seconds pass."""
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{what}: process exited with {proc.returncode}")
+        try:
+            result = check()
+        except httpx.HTTPError:
+            result = None
+        if result:
+            return result
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """SIGINT to a process started with start_new_session, SIGKILL if it is still there after 20 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+class PrefectServer:
+    """A real `prefect server start` on a free port with its own home (database), which can be
+    stopped and started again on the same port."""
+
+    def __init__(self, home: Path, env: dict):
+        from facedata.prefect_env import QUIET_DEFAULTS
+
+        home.mkdir(parents=True, exist_ok=True)
+        self.home, self.port = home, free_port()
+        self.api = f"http://127.0.0.1:{self.port}/api"
+        self.env = {**env, **QUIET_DEFAULTS, "PREFECT_HOME": str(home), "PREFECT_SERVER_LOGGING_LEVEL": "WARNING"}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        import httpx
+
+        with (self.home / "server.log").open("a") as log:
+            self.proc = subprocess.Popen(
+                [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+                 "--port", str(self.port), "--no-ui", "--analytics-off"],
+                env=self.env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+        wait_for(lambda: httpx.get(f"{self.api}/health", timeout=2).status_code == 200, 90, "prefect server",
+                 self.proc)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process_group(self.proc)

@@ -49,15 +49,12 @@ def dask_setup(worker) -> None:
     face_models._vectron_models = _counting("faces", face_models._vectron_models)
     # Looked up in its module by facedata.attributes._load (an lru_cache) on each cache miss.
     age_gender.load_age_gender = _counting("attributes", age_gender.load_age_gender)
+    # The stage functions, looked up in their modules by each shard task: tasks per worker.
+    from facedata import caption_stage, face_stage
+
+    face_stage.run_face_shard = _counting("faces-task", face_stage.run_face_shard)
+    caption_stage.run_caption_shard = _counting("attributes-task", caption_stage.run_caption_shard)
     _log_load("worker")
-
-
-@pytest.fixture(scope="module")
-def prefect_settings(tmp_path_factory):
-    """Quiet Prefect settings, in a temporary home, before this process imports Prefect."""
-    from facedata.prefect_env import configure_prefect
-
-    configure_prefect(tmp_path_factory.mktemp("prefect_home"))
 
 
 def test_local_cluster_settings(prefect_settings):
@@ -131,5 +128,7 @@ def test_dask_runner_matches_thread_runner(tmp_path, web, web_root, cli_env):
     # Each worker that ran face (caption) tasks loaded the models exactly once, though the two
     # workers ran three shards' face and caption tasks between them.
     for kind in ("faces", "attributes"):
+        tasks = {pid: n for (pid, k), n in loads.items() if k == f"{kind}-task"}
         loaded = {pid: n for (pid, k), n in loads.items() if k == kind}
-        assert loaded and set(loaded) <= workers and set(loaded.values()) == {1}, loads
+        assert sum(tasks.values()) == 3 and set(tasks) <= workers, loads
+        assert loaded == dict.fromkeys(tasks, 1), loads

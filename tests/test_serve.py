@@ -4,12 +4,7 @@
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -18,31 +13,9 @@ import yaml
 
 from facedata.config import load_config
 from facedata.errors import UserError
-from facedata.prefect_env import QUIET_DEFAULTS, configure_prefect
 from facedata.reader import InputError, plan_shards
-from tests.conftest import REPO, facedata_cmd
+from tests.conftest import REPO, PrefectServer, facedata_cmd, stop_process_group, wait_for
 from tests.test_flow import check_run_consistent, write_config, write_corpus
-
-# `facedata serve` through the CLI once it is wired there; until then the same steps as its main().
-_SERVE_SHIM = (
-    "import argparse, sys; from facedata.prefect_env import configure_prefect; configure_prefect(); "
-    "from flows.deploy import add_serve_parser, run_serve_command; p = argparse.ArgumentParser(); "
-    "add_serve_parser(p.add_subparsers(dest='command')); sys.exit(run_serve_command(p.parse_args(sys.argv[1:])))"
-)
-
-
-def _cli_has_serve() -> bool:
-    from facedata.cli import build_parser
-
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return "serve" in sub.choices
-
-
-def serve_cmd(*args: str) -> list[str]:
-    if _cli_has_serve():
-        return facedata_cmd("serve", *args)
-    return [sys.executable, "-c", _SERVE_SHIM, "serve", *args]
-
 
 def parse_serve(*argv: str):
     from flows.deploy import add_serve_parser
@@ -50,12 +23,6 @@ def parse_serve(*argv: str):
     parser = argparse.ArgumentParser()
     add_serve_parser(parser.add_subparsers(dest="command"))
     return parser.parse_args(["serve", *argv])
-
-
-@pytest.fixture(scope="module")
-def prefect_settings(tmp_path_factory):
-    """Quiet Prefect settings for building deployments in this process (no server is contacted)."""
-    configure_prefect(tmp_path_factory.mktemp("prefect_home"))
 
 
 def test_curation_deployment(tmp_path, prefect_settings):
@@ -113,37 +80,6 @@ def test_bad_cron_and_missing_server(prefect_settings):
         check_server()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for(check, timeout: float, what: str, proc: subprocess.Popen | None = None):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"{what}: process exited with {proc.returncode}")
-        try:
-            result = check()
-        except httpx.HTTPError:
-            result = None
-        if result:
-            return result
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 def _flow_run_processes(pid: int) -> list[int]:
     """Children of `pid` running a flow run (multiprocessing spawn), from /proc."""
     found = []
@@ -182,31 +118,26 @@ def test_served_run_of_unchanged_input_does_nothing_new(tmp_path, web, web_root,
     assert "identity/identity.json" in before
     summary_mtime = (run_dir / "summary.json").stat().st_mtime_ns
 
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
+    server = PrefectServer(tmp_path / "prefect_server", cli_env)
+    api = server.api
     serve_log = tmp_path / "serve.log"
-    logs_out = [(tmp_path / "server.log").open("w"), serve_log.open("w")]
-    server_env = {**cli_env, **QUIET_DEFAULTS, "PREFECT_SERVER_LOGGING_LEVEL": "WARNING"}
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
-         "--no-ui", "--analytics-off"],
-        env=server_env, stdout=subprocess.DEVNULL, stderr=logs_out[0], start_new_session=True)
+    serve_out = serve_log.open("w")
     serve = None
     try:
-        _wait_for(lambda: httpx.get(f"{api}/health", timeout=2).status_code == 200, 90, "prefect server", server)
+        server.start()
         serve_env = {**cli_env, "PREFECT_API_URL": api, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
         # On the Dask runner, retrying once: only the flow object the runner keeps has that policy.
         overrides = ["runner.kind=dask", "runner.flow_retries=1", "runner.flow_retry_delay_s=1"]
         serve = subprocess.Popen(
-            serve_cmd(str(cfg), "--cron", "0 2 * * *", "--name", "nightly", "--output", str(run_dir),
+            facedata_cmd("serve", str(cfg), "--cron", "0 2 * * *", "--name", "nightly", "--output", str(run_dir),
                       *[arg for item in overrides for arg in ("--set", item)]),
-            env=serve_env, stdout=logs_out[1], stderr=subprocess.STDOUT, start_new_session=True)
+            env=serve_env, stdout=serve_out, stderr=subprocess.STDOUT, start_new_session=True)
 
         def deployment():
             r = httpx.get(f"{api}/deployments/name/curate/nightly", timeout=5)
             return r.json() if r.status_code == 200 else None
 
-        dep = _wait_for(deployment, 60, "the served deployment", serve)
+        dep = wait_for(deployment, 60, "the served deployment", serve)
         [schedule] = dep["schedules"]
         assert schedule["schedule"]["cron"] == "0 2 * * *" and schedule["active"] and not dep["paused"]
         assert dep["parameters"]["run_dir"] == str(run_dir)
@@ -221,7 +152,7 @@ def test_served_run_of_unchanged_input_does_nothing_new(tmp_path, web, web_root,
             state = httpx.get(f"{api}/flow_runs/{run['id']}", timeout=5).json()["state"]
             return state if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
 
-        state = _wait_for(finished, 120, "the served flow run", serve)
+        state = wait_for(finished, 120, "the served flow run", serve)
         assert state["type"] == "COMPLETED", (state, serve_log.read_text()[-3000:])
         flow_run = httpx.get(f"{api}/flow_runs/{run['id']}", timeout=5).json()
         assert flow_run["empirical_policy"]["retries"] == 1 and flow_run["parameters"]["run_dir"] == str(run_dir)
@@ -233,15 +164,14 @@ def test_served_run_of_unchanged_input_does_nothing_new(tmp_path, web, web_root,
             lines = [entry["message"] for entry in logs if "already done, skipped" in entry["message"]]
             return lines if len(lines) >= 3 * 2 + 1 else None
 
-        assert len(_wait_for(skipped, 20, "the skipped-stage log lines")) == 3 * 2 + 1
+        assert len(wait_for(skipped, 20, "the skipped-stage log lines")) == 3 * 2 + 1
         # Let the run's process close its Dask cluster (~2 s) before stopping: interrupted, that takes ~11 s.
-        _wait_for(lambda: not _flow_run_processes(serve.pid), 30, "the flow run's process to exit")
+        wait_for(lambda: not _flow_run_processes(serve.pid), 30, "the flow run's process to exit")
     finally:
         if serve is not None:
-            _stop(serve)
-        _stop(server)
-        for f in logs_out:
-            f.close()
+            stop_process_group(serve)
+        server.stop()
+        serve_out.close()
 
     after = _done_files(run_dir)
     assert after == before, "an unchanged input should leave every stage's files untouched"

@@ -1,0 +1,158 @@
+"""The Ray task runner: a real curation run on a local Ray instance through the CLI.
+
+Model loads are counted in the Ray worker processes themselves: the CLI's environment names this
+module's `add_load_counting` as Ray's runtime-env hook (RAY_RUNTIME_ENV_HOOK, called by ray.init
+in the CLI process), which makes `count_model_loads` the setup hook each worker process runs when
+it starts. That wraps the real model loaders (the Dask test's preload hook does the wrapping) so
+that each call appends "PID KIND" to the file named by $FACEDATA_TEST_LOAD_LOG.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from facedata import records
+from facedata.config import RunnerConfig, config_from_dict
+from tests.conftest import REPO, facedata_cmd
+from tests.test_dask_runner import LOAD_LOG_ENV, _final_records, _log_load, dask_setup
+from tests.test_flow import write_config, write_corpus
+
+needs_ray = pytest.mark.skipif(
+    importlib.util.find_spec("ray") is None or importlib.util.find_spec("prefect_ray") is None,
+    reason="runner.kind ray needs pip install 'facedata[ray]'")
+
+
+def add_load_counting(runtime_env: dict) -> dict:
+    """RAY_RUNTIME_ENV_HOOK: run count_model_loads in each worker process when it starts."""
+    runtime_env["worker_process_setup_hook"] = "tests.test_ray_runner.count_model_loads"
+    return runtime_env
+
+
+def count_model_loads() -> None:
+    dask_setup(worker=None)  # wraps the model loaders and logs "PID worker"; the worker is unused
+    _log_load(f"api={os.environ['PREFECT_API_URL']}")
+
+
+@needs_ray
+def test_runner_settings(prefect_settings):
+    from flows.curate import task_runner
+    from flows.ray_runner import FacedataRayTaskRunner, local_instance_kwargs
+
+    cfg = RunnerConfig(kind="ray", max_workers=3)
+    runner = task_runner(cfg)
+    assert isinstance(runner, FacedataRayTaskRunner) and runner.address is None
+    assert runner.init_kwargs == {**local_instance_kwargs(cfg), "namespace": "prefect"}
+    assert runner.init_kwargs["num_cpus"] == 3 and runner.init_kwargs["include_dashboard"] is False
+    remote = task_runner(RunnerConfig(kind="ray", ray_address="ray://10.0.0.5:10001"))
+    assert remote.address == "ray://10.0.0.5:10001" and "num_cpus" not in remote.init_kwargs
+    # The flow engine enters a copy of the runner (Prefect's duplicate()): still ours.
+    assert type(runner.duplicate()) is FacedataRayTaskRunner
+
+
+def test_config_rejects_bad_ray_address():
+    from facedata.config import ConfigError
+
+    base = {"input": {"path": "x.parquet"}}
+    with pytest.raises(ConfigError, match="runner.ray_address"):
+        config_from_dict({**base, "runner": {"kind": "ray", "ray_address": "headnode"}})
+    for address in ("auto", "ray://head:10001", "10.0.0.5:6379"):
+        assert config_from_dict({**base, "runner": {"kind": "ray", "ray_address": address}}).runner.ray_address
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_missing_ray_is_one_line_error(tmp_path, cli_env):
+    corpus = write_corpus(tmp_path / "corpus.parquet", [("http://127.0.0.1:9/cat.png", "cat")])
+    cfg = write_config(tmp_path / "run.yaml", corpus, faces={"enabled": False})
+    # The CLI in a process where `import ray` fails, as it does where ray is not installed.
+    code = (f"import sys; sys.modules['ray'] = None; from facedata.cli import main; "
+            f"sys.exit(main(['run', {str(cfg)!r}, '--output', {str(tmp_path / 'run')!r}, "
+            f"'--no-progress', '--set', 'runner.kind=ray']))")
+    proc = subprocess.run([sys.executable, "-c", code], env=cli_env, capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.startswith("facedata: error: runner.kind ray needs pip install 'facedata[ray]' (")
+    assert proc.stderr.count("\n") == 1
+
+
+@needs_ray
+def test_unreachable_address_fails_at_once(prefect_settings):
+    # What the flow engine does first with the runner; a UserError from there reaches the CLI as
+    # its one-line error. (ray.init itself would retry the address for minutes.)
+    from facedata.errors import UserError
+    from flows.curate import task_runner
+
+    address = f"127.0.0.1:{_closed_port()}"
+    runner = task_runner(RunnerConfig(kind="ray", ray_address=address))
+    message = f"runner.kind ray: cannot connect to the Ray cluster at {address}: [Errno 111] Connection refused"
+    with pytest.raises(UserError) as raised, runner:
+        pass
+    assert str(raised.value) == message
+
+
+@needs_ray
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # two whole runs; a Ray instance starts in 10-20 s on a busy machine
+def test_ray_runner_matches_thread_runner(tmp_path, web, web_root, cli_env):
+    photos = sorted(p.name for p in web_root.glob("*_studio_portrait.jpg"))[:5]
+    rows = [(web.url(name), f"photo {i}") for i, name in enumerate(photos)]
+    rows += [(web.url("status/404"), "gone"), (web.url("chelsea.png"), "cat")]
+    corpus = write_corpus(tmp_path / "corpus.parquet", rows)
+    # Three shards on two workers: one worker takes a second shard's face and caption tasks.
+    # Face parsing left out: its model takes ~10 s to load, in each worker.
+    cfg = write_config(tmp_path / "run.yaml", corpus, shards={"samples_per_shard": 3},
+                       attributes={"predictors": ["age_gender", "expression", "geometry"]},
+                       output={"contact_sheet": False})
+    runs, outputs = {}, {}
+    load_log = tmp_path / "loads.txt"
+    for kind in ("thread", "ray"):
+        env = dict(cli_env)
+        if kind == "ray":
+            env[LOAD_LOG_ENV] = str(load_log)
+            env["RAY_RUNTIME_ENV_HOOK"] = "tests.test_ray_runner.add_load_counting"
+        runs[kind] = tmp_path / kind
+        proc = subprocess.run(
+            facedata_cmd("run", str(cfg), "--output", str(runs[kind]), "--no-progress",
+                         "--set", f"runner.kind={kind}", "--set", "runner.max_workers=2"),
+            env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs[kind] = proc.stdout + proc.stderr
+
+    thread, ray = (_final_records(runs[kind], len(rows)) for kind in ("thread", "ray"))
+    assert ray == thread
+    statuses = Counter(status for status, *_ in ray.values())
+    assert statuses == {records.OK: len(photos), "http_404": 1, records.NO_FACE: 1}
+    assert len(list((runs["ray"] / "shards").glob("*.tar"))) == 3
+    # The workers' per-shard INFO lines reach the terminal (their level is this process's), each
+    # one (Ray would fold lines that differ only in numbers into one), without colour codes.
+    assert outputs["ray"].count("caption shard 0000") == 3, outputs["ray"][-3000:]
+    assert "\x1b[" not in outputs["ray"]
+
+    loads = Counter(tuple(line.split()) for line in load_log.read_text().splitlines())
+    workers = {pid for pid, kind in loads if kind == "worker"}
+    # Two task slots; Ray may start a spare worker process when one is slow to come up (seen on a
+    # loaded machine), but never one per task (six).
+    assert 2 <= len(workers) <= 3, loads
+    # Every worker reports to the flow's own API server (the CLI's temporary one), none starts its own.
+    api_urls = {kind for _, kind in loads if kind.startswith("api=")}
+    assert len(api_urls) == 1 and api_urls.pop().startswith("api=http://127.0.0.1:"), loads
+    # Each worker that ran face (caption) tasks loaded the models exactly once, however many of
+    # the three shards' tasks it ran.
+    for kind in ("faces", "attributes"):
+        tasks = {pid: n for (pid, k), n in loads.items() if k == f"{kind}-task"}
+        loaded = {pid: n for (pid, k), n in loads.items() if k == kind}
+        assert sum(tasks.values()) == 3 and set(tasks) <= workers, loads
+        assert loaded == dict.fromkeys(tasks, 1), loads
