@@ -138,6 +138,17 @@ def _read_stat(pid: int) -> tuple[int, float, int]:
     return ppid, (utime + stime) / CLOCK_TICKS, rss * PAGE_SIZE
 
 
+def _process_label(pid: int) -> str:
+    """A short name for a process: its command line, without the interpreter's path."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return str(pid)
+    words = [Path(a.decode(errors="replace")).name if i == 0 else a.decode(errors="replace")
+             for i, a in enumerate(args) if a]
+    return f"{pid} {' '.join(words)[:60]}"
+
+
 class TreeSampler(threading.Thread):
     """Peak RSS of a process and all its descendants, sampled from /proc every SAMPLE_INTERVAL.
 
@@ -151,16 +162,19 @@ class TreeSampler(threading.Thread):
         self.peak_tree = 0
         self.peak_single = 0
         self.peak_processes = 0
+        # pid -> [label, peak RSS, CPU seconds when last seen]: each process of the tree on its own.
+        self.process_peaks: dict[int, list] = {}
         self._done = threading.Event()
 
     def _tree(self) -> dict[int, int]:
-        """RSS by pid of the root and its descendants now."""
+        """RSS by pid of the root and its descendants now (and each one's CPU seconds in self._cpu)."""
         rss: dict[int, int] = {}
         children: dict[int, list[int]] = {}
+        self._cpu: dict[int, float] = {}
         for entry in os.listdir("/proc"):
             if entry.isdigit():
                 try:
-                    ppid, _, rss[int(entry)] = _read_stat(int(entry))
+                    ppid, self._cpu[int(entry)], rss[int(entry)] = _read_stat(int(entry))
                 except (OSError, IndexError):  # exited between listdir and open
                     continue
                 children.setdefault(ppid, []).append(int(entry))
@@ -179,6 +193,11 @@ class TreeSampler(threading.Thread):
                 self.peak_tree = max(self.peak_tree, sum(members.values()))
                 self.peak_single = max(self.peak_single, max(members.values()))
                 self.peak_processes = max(self.peak_processes, len(members))
+                for pid, rss in members.items():
+                    if pid not in self.process_peaks:
+                        self.process_peaks[pid] = [_process_label(pid), 0, 0.0]
+                    self.process_peaks[pid][1] = max(self.process_peaks[pid][1], rss)
+                    self.process_peaks[pid][2] = self._cpu[pid]
 
     def stop(self) -> None:
         self._done.set()
@@ -225,8 +244,10 @@ def tool_env(**extra: str) -> dict:
     return env
 
 
-def measure(cmd: list[str], env: dict, log_path: Path, server: ServerProcess, result: RunResult) -> None:
-    """Run `cmd` to completion, filling in wall time, CPU time, RSS peaks and the server's CPU."""
+def measure(cmd: list[str], env: dict, log_path: Path, server: ServerProcess, result: RunResult,
+            process_peaks: dict | None = None) -> None:
+    """Run `cmd` to completion, filling in wall time, CPU time, RSS peaks and the server's CPU
+    (and, given `process_peaks`, each process's label and peak RSS by pid)."""
     result.load_before = os.getloadavg()[0]
     server_cpu = server.cpu_seconds()
     started = time.perf_counter()
@@ -245,6 +266,8 @@ def measure(cmd: list[str], env: dict, log_path: Path, server: ServerProcess, re
     # ru_maxrss (KiB) catches a single-process peak that fell between two samples.
     result.peak_rss_single = max(sampler.peak_single, usage.ru_maxrss * 1024)
     result.processes = sampler.peak_processes
+    if process_peaks is not None:
+        process_peaks.update(sampler.process_peaks)
     result.returncode = proc.returncode
     if proc.returncode:
         tail = log_path.read_text(errors="replace")[-3000:]
