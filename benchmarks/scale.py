@@ -160,6 +160,7 @@ def flow_config(url_list: Path, out_dir: Path, workers: int, runner: str) -> dic
 class ScaleResult(RunResult):
     workers: int = 0
     mode: str = "flow"  # flow | alone
+    runner: str = "dask"
     stage_seconds: dict = field(default_factory=dict)
     stage_cpu_seconds: dict = field(default_factory=dict)
     funnel: list = field(default_factory=list)
@@ -193,7 +194,7 @@ def run_flow(rows: int, workers: int, runner: str, server: ServerProcess) -> Sca
     config_path.write_text(yaml.safe_dump(flow_config(url_list, out_dir, workers, runner), sort_keys=False))
     env = tool_env(PREFECT_HOME=str(WORK / "prefect-home"))
     cmd = [sys.executable, "-m", "facedata.cli", "run", str(config_path), "--no-progress"]
-    result = ScaleResult("facedata", rows, workers=workers)
+    result = ScaleResult("facedata", rows, workers=workers, runner=runner)
     sampler_peaks: dict = {}
     measure(cmd, env, out_dir / "run.log", server, result, process_peaks=sampler_peaks)
     result.process_peaks = sorted(sampler_peaks.values(), key=lambda p: -p[1])
@@ -291,7 +292,9 @@ def run_alone(rows: int, server: ServerProcess) -> ScaleResult:
 
 
 def _result_path(r: ScaleResult) -> Path:
-    return WORK / (f"scale-{r.rows}-alone.json" if r.mode == "alone" else f"scale-{r.rows}-{r.workers}w.json")
+    if r.mode == "alone":
+        return WORK / f"scale-{r.rows}-alone.json"
+    return WORK / f"scale-{r.rows}-{r.workers}w{'' if r.runner == 'dask' else '-' + r.runner}.json"
 
 
 def load_results() -> list[ScaleResult]:
@@ -307,7 +310,7 @@ def format_report(results: list[ScaleResult]) -> str:
     lines = [f"{'run':<16}{'rows':>8}{'wall s':>9}{'rows/s':>8}{'kept':>7}{'published':>10}{'CPU s':>8}"
              f"{'rows/CPU-s':>11}{'RSS sum MiB':>12}{'largest MiB':>12}{'server CPU s':>13}{'load':>6}"]
     for r in results:
-        name = "stages alone" if r.mode == "alone" else f"flow {r.workers} worker{'s' if r.workers > 1 else ''}"
+        name = "stages alone" if r.mode == "alone" else f"{r.runner} {r.workers} worker{'s' if r.workers > 1 else ''}"
         lines.append(f"{name:<16}{r.rows:>8,}{r.wall_s:>9.0f}{r.rows / r.wall_s:>8.1f}{r.ok:>7,}{r.published:>10,}"
                      f"{r.cpu_s:>8.0f}{r.rows / r.cpu_s:>11.2f}{_mib(r.peak_rss_tree):>12}"
                      f"{_mib(r.peak_rss_single):>12}{r.server_cpu_s:>13.0f}{r.load_before:>6.1f}")
@@ -315,7 +318,7 @@ def format_report(results: list[ScaleResult]) -> str:
     stages = ["download", "faces", "identity", "captions", "report", "publish"]
     lines.append(f"{'run':<22}" + "".join(f"{s:>10}" for s in stages) + f"{'sum':>10}{'wall':>10}")
     for r in results:
-        name = f"{r.rows:,} " + ("alone" if r.mode == "alone" else f"{r.workers}w")
+        name = f"{r.rows:,} " + ("alone" if r.mode == "alone" else f"{r.runner} {r.workers}w")
         values = [r.stage_seconds.get(s) for s in stages]
         total = sum(v for v in values if v)
         lines.append(f"{name:<22}" + "".join(f"{v:>10.1f}" if v is not None else f"{'-':>10}" for v in values)
@@ -324,22 +327,24 @@ def format_report(results: list[ScaleResult]) -> str:
     for r in results:
         top = ", ".join(f"{label} {_mib(rss)} MiB" + (f" {more[0]:.0f} s" if more else "")
                         for label, rss, *more in r.process_peaks[:5])
-        lines.append(f"  {r.rows:,} {r.mode} {r.workers}w: {top}")
+        lines.append(f"  {r.rows:,} {'alone' if r.mode == 'alone' else r.runner} {r.workers}w: {top}")
     lines.append("")
-    by = {(r.rows, r.mode, r.workers): r for r in results}
+    # The comparisons: the Dask runner where it ran, another runner where only it did.
+    by = {(r.rows, r.mode, r.workers): r for r in sorted(results, key=lambda r: r.runner == "dask")}
     for rows in sorted({r.rows for r in results}):
         one, two, alone = by.get((rows, "flow", 1)), by.get((rows, "flow", 2)), by.get((rows, "alone", 1))
         if one and two:
-            lines.append(f"{rows:,} rows: speed-up 2 workers / 1 worker (wall) {one.wall_s / two.wall_s:.2f}x")
+            lines.append(f"{rows:,} rows: speed-up {two.runner} 2 workers / {one.runner} 1 worker (wall) "
+                         f"{one.wall_s / two.wall_s:.2f}x")
         if one and alone:
-            lines.append(f"{rows:,} rows: flow 1 worker / stages alone: wall {one.wall_s / alone.wall_s:.2f}x, "
+            lines.append(f"{rows:,} rows: {one.runner} flow 1 worker / stages alone: wall {one.wall_s / alone.wall_s:.2f}x, "
                          f"CPU {one.cpu_s / alone.cpu_s:.2f}x")
-    sizes = sorted({r.rows for r in results if r.mode == "flow"})
-    for workers in (1, 2):
-        runs = [by[(rows, "flow", workers)] for rows in sizes if (rows, "flow", workers) in by]
+    for runner, workers in sorted({(r.runner, r.workers) for r in results if r.mode == "flow"}):
+        runs = sorted((r for r in results if r.mode == "flow" and (r.runner, r.workers) == (runner, workers)),
+                      key=lambda r: r.rows)
         if len(runs) >= 2:
             small, large = runs[0], runs[-1]
-            lines.append(f"{workers}w peak RSS {large.rows:,} vs {small.rows:,} rows: tree sum "
+            lines.append(f"{runner} {workers}w peak RSS {large.rows:,} vs {small.rows:,} rows: tree sum "
                          f"{large.peak_rss_tree / small.peak_rss_tree:.2f}x, largest process "
                          f"{large.peak_rss_single / small.peak_rss_single:.2f}x")
     return "\n".join(lines)
