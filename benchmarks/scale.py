@@ -329,16 +329,16 @@ def format_report(results: list[ScaleResult]) -> str:
                         for label, rss, *more in r.process_peaks[:5])
         lines.append(f"  {r.rows:,} {'alone' if r.mode == 'alone' else r.runner} {r.workers}w: {top}")
     lines.append("")
-    # The comparisons: the Dask runner where it ran, another runner where only it did.
-    by = {(r.rows, r.mode, r.workers): r for r in sorted(results, key=lambda r: r.runner == "dask")}
     for rows in sorted({r.rows for r in results}):
-        one, two, alone = by.get((rows, "flow", 1)), by.get((rows, "flow", 2)), by.get((rows, "alone", 1))
-        if one and two:
-            lines.append(f"{rows:,} rows: speed-up {two.runner} 2 workers / {one.runner} 1 worker (wall) "
-                         f"{one.wall_s / two.wall_s:.2f}x")
-        if one and alone:
-            lines.append(f"{rows:,} rows: {one.runner} flow 1 worker / stages alone: wall {one.wall_s / alone.wall_s:.2f}x, "
-                         f"CPU {one.cpu_s / alone.cpu_s:.2f}x")
+        alone = next((r for r in results if r.rows == rows and r.mode == "alone"), None)
+        for runner in sorted({r.runner for r in results if r.rows == rows and r.mode == "flow"}):
+            flows = {r.workers: r for r in results if (r.rows, r.mode, r.runner) == (rows, "flow", runner)}
+            one, two = flows.get(1), flows.get(2)
+            if one and two:
+                lines.append(f"{rows:,} rows, {runner}: speed-up 2 workers / 1 worker (wall) {one.wall_s / two.wall_s:.2f}x")
+            if one and alone:
+                lines.append(f"{rows:,} rows, {runner}: flow 1 worker / stages alone: wall "
+                             f"{one.wall_s / alone.wall_s:.2f}x, CPU {one.cpu_s / alone.cpu_s:.2f}x")
     for runner, workers in sorted({(r.runner, r.workers) for r in results if r.mode == "flow"}):
         runs = sorted((r for r in results if r.mode == "flow" and (r.runner, r.workers) == (runner, workers)),
                       key=lambda r: r.rows)
