@@ -21,6 +21,7 @@ from typing import Any
 # here and in the worker processes (they inherit the environment).
 os.environ.setdefault("DASK_DISTRIBUTED__LOGGING__DISTRIBUTED", "warning")
 
+import dask
 from distributed.diagnostics.plugin import WorkerPlugin
 from prefect_dask import DaskTaskRunner
 from prefect_dask.client import PrefectDaskClient
@@ -97,6 +98,12 @@ def dask_task_runner(cfg: RunnerConfig) -> FacedataDaskTaskRunner:
     cluster at cfg.dask_address."""
     if cfg.dask_address:
         return FacedataDaskTaskRunner(address=cfg.dask_address)
+    # The nanny starts each worker with MALLOC_TRIM_THRESHOLD_=65536 (dask's default, to hand freed
+    # memory back sooner). Setting it switches off glibc's adaptive mmap threshold, so every large
+    # buffer (decoded images, model tensors) is mmapped and unmapped again: the caption stage ran
+    # 17% slower and decoding 2x slower in such a worker. None leaves it unset.
+    environ = dask.config.get("distributed.nanny.pre-spawn-environ")
+    dask.config.set({"distributed.nanny.pre-spawn-environ": {**environ, "MALLOC_TRIM_THRESHOLD_": None}})
     return FacedataDaskTaskRunner(cluster_kwargs=local_cluster_kwargs(cfg))
 
 

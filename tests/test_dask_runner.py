@@ -55,6 +55,7 @@ def dask_setup(worker) -> None:
     face_stage.run_face_shard = _counting("faces-task", face_stage.run_face_shard)
     caption_stage.run_caption_shard = _counting("attributes-task", caption_stage.run_caption_shard)
     _log_load("worker")
+    _log_load(f"malloc_trim_threshold={os.environ.get('MALLOC_TRIM_THRESHOLD_', 'unset')}")
 
 
 def test_local_cluster_settings(prefect_settings):
@@ -125,6 +126,8 @@ def test_dask_runner_matches_thread_runner(tmp_path, web, web_root, cli_env):
     loads = Counter(tuple(line.split()) for line in load_log.read_text().splitlines())
     workers = {pid for pid, kind in loads if kind == "worker"}
     assert len(workers) == 2, loads
+    # glibc's adaptive mmap threshold stays on in the workers (dask's nanny would switch it off).
+    assert {(pid, "malloc_trim_threshold=unset") for pid in workers} <= set(loads), loads
     # Each worker that ran face (caption) tasks loaded the models exactly once, though the two
     # workers ran three shards' face and caption tasks between them.
     for kind in ("faces", "attributes"):
