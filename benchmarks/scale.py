@@ -184,14 +184,20 @@ def _published_rows(dataset: Path) -> int:
     return json.loads(manifest.read_text())["n_samples"]
 
 
-def run_flow(rows: int, workers: int, runner: str, server: ServerProcess) -> ScaleResult:
-    out_dir = WORK / "scale_runs" / f"{rows}-{workers}w"
+def prepare_run(out_dir: Path, rows: int, workers: int, runner: str, server: ServerProcess) -> Path:
+    """A fresh OUT_DIR with the URL list and the run's config; returns the config's path."""
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     url_list = out_dir / "urls.parquet"
     write_url_list(url_list, server.base_url, rows)
     config_path = out_dir / "config.yaml"
     config_path.write_text(yaml.safe_dump(flow_config(url_list, out_dir, workers, runner), sort_keys=False))
+    return config_path
+
+
+def run_flow(rows: int, workers: int, runner: str, server: ServerProcess) -> ScaleResult:
+    out_dir = WORK / "scale_runs" / f"{rows}-{workers}w"
+    config_path = prepare_run(out_dir, rows, workers, runner, server)
     env = tool_env(PREFECT_HOME=str(WORK / "prefect-home"))
     cmd = [sys.executable, "-m", "facedata.cli", "run", str(config_path), "--no-progress"]
     result = ScaleResult("facedata", rows, workers=workers, runner=runner)
@@ -265,12 +271,7 @@ def _stages_alone(config_path: str, out_json: str) -> None:
 
 def run_alone(rows: int, server: ServerProcess) -> ScaleResult:
     out_dir = WORK / "scale_runs" / f"{rows}-alone"
-    shutil.rmtree(out_dir, ignore_errors=True)
-    out_dir.mkdir(parents=True)
-    url_list = out_dir / "urls.parquet"
-    write_url_list(url_list, server.base_url, rows)
-    config_path = out_dir / "config.yaml"
-    config_path.write_text(yaml.safe_dump(flow_config(url_list, out_dir, 1, "thread"), sort_keys=False))
+    config_path = prepare_run(out_dir, rows, 1, "thread", server)
     stages_json = out_dir / "stages.json"
     cmd = [sys.executable, __file__, "_alone", str(config_path), str(stages_json)]
     result = ScaleResult("facedata", rows, workers=1, mode="alone")
