@@ -16,7 +16,9 @@ faiss (~120 MiB and a second of CPU each).
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -210,22 +212,33 @@ def _share_api_server() -> None:
     os.environ["PREFECT_API_URL"] = server.api_url
 
 
+def check_models(cfg: Config) -> None:
+    """Load every model the run uses: a missing or unreadable file is then one line for the
+    user before the flow starts, not a crashed flow run and a failed task per shard."""
+    if not cfg.faces.enabled:
+        return
+    from facedata.face_models import load_analyzer
+
+    load_analyzer(cfg.faces)
+    if cfg.attributes.enabled:
+        from facedata.attributes import load_predictors
+
+        load_predictors(cfg.attributes, cfg.faces)
+    if cfg.relevance.checkpoint:
+        from facedata.flip.embed import load_checkpoint
+
+        load_checkpoint(cfg.relevance.checkpoint)
+
+
 def run_curation(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
-    """Run the flow with the task runner the config asks for."""
-    if cfg.faces.enabled:
-        from facedata.face_models import load_analyzer
-
-        # Load the models before the flow starts: a missing file is then one line for the user,
-        # not a crashed flow run and a failed task per shard.
-        load_analyzer(cfg.faces)
-        if cfg.attributes.enabled:
-            from facedata.attributes import load_predictors
-
-            load_predictors(cfg.attributes, cfg.faces)
-        if cfg.relevance.checkpoint:
-            from facedata.flip.embed import load_checkpoint
-
-            load_checkpoint(cfg.relevance.checkpoint)
+    """Check the models, then run the flow with the task runner the config asks for."""
+    if cfg.runner.kind == "thread":
+        check_models(cfg)  # the tasks run in this process and reuse the loaded (cached) models
+    elif cfg.faces.enabled:
+        # The tasks load their own models in their worker processes; loading them here too would
+        # hold ~1 GB in this process for the whole run, so a short-lived process checks them.
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            pool.submit(check_models, cfg).result()
     return curation_flow(cfg)(cfg.model_dump(mode="json"), str(run_dir), progress)
 
 

@@ -89,8 +89,12 @@ def _final_records(run_dir: Path, n_samples: int) -> dict[str, tuple]:
             for r in table.select(["key", "status", "face_caption"]).to_pylist()}
 
 
-@pytest.mark.slow
-def test_dask_runner_matches_thread_runner(tmp_path, web, web_root, cli_env):
+def run_with_thread_runner_and(kind: str, tmp_path: Path, web, web_root, cli_env: dict, worker_env: dict,
+                               timeout: float) -> tuple[Path, str, Counter]:
+    """Seven rows (five portraits, a 404, a cat photo) in three shards, run through the CLI with the
+    thread runner and with runner `kind` on two workers, whose environment gets `worker_env` (the
+    load counting); checks that both runs end with the same records and statuses. Returns the
+    `kind` run's folder, its terminal output and its "PID KIND" load-log counts."""
     photos = sorted(p.name for p in web_root.glob("*_studio_portrait.jpg"))[:5]
     rows = [(web.url(name), f"photo {i}") for i, name in enumerate(photos)]
     rows += [(web.url("status/404"), "gone"), (web.url("chelsea.png"), "cat")]
@@ -100,38 +104,48 @@ def test_dask_runner_matches_thread_runner(tmp_path, web, web_root, cli_env):
     cfg = write_config(tmp_path / "run.yaml", corpus, shards={"samples_per_shard": 3},
                        attributes={"predictors": ["age_gender", "expression", "geometry"]},
                        output={"contact_sheet": False})
-    runs = {}
     load_log = tmp_path / "loads.txt"
-    for kind in ("thread", "dask"):
+    runs, output = {}, ""
+    for runner in ("thread", kind):
         env = dict(cli_env)
-        if kind == "dask":
-            env[LOAD_LOG_ENV] = str(load_log)
-            env["DASK_DISTRIBUTED__WORKER__PRELOAD"] = "['tests.test_dask_runner']"
-        runs[kind] = tmp_path / kind
+        if runner == kind:
+            env.update(worker_env, **{LOAD_LOG_ENV: str(load_log)})
+        runs[runner] = tmp_path / runner
         proc = subprocess.run(
-            facedata_cmd("run", str(cfg), "--output", str(runs[kind]), "--no-progress",
-                         "--set", f"runner.kind={kind}"),
-            env=env, capture_output=True, text=True, timeout=240,
+            facedata_cmd("run", str(cfg), "--output", str(runs[runner]), "--no-progress",
+                         "--set", f"runner.kind={runner}", "--set", "runner.max_workers=2"),
+            env=env, capture_output=True, text=True, timeout=timeout,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
-        # Worker start and stop chatter from distributed stays out of the user's terminal.
-        assert "distributed.nanny" not in proc.stderr and "distributed.scheduler" not in proc.stderr
+        output = proc.stdout + proc.stderr
 
-    thread, dask = (_final_records(runs[kind], len(rows)) for kind in ("thread", "dask"))
-    assert dask == thread
-    statuses = Counter(status for status, *_ in dask.values())
+    thread, other = (_final_records(runs[runner], len(rows)) for runner in ("thread", kind))
+    assert other == thread
+    statuses = Counter(status for status, *_ in other.values())
     assert statuses == {records.OK: len(photos), "http_404": 1, records.NO_FACE: 1}
-    assert len(list((runs["dask"] / "shards").glob("*.tar"))) == 3
+    assert len(list((runs[kind] / "shards").glob("*.tar"))) == 3
+    return runs[kind], output, Counter(tuple(line.split()) for line in load_log.read_text().splitlines())
 
-    loads = Counter(tuple(line.split()) for line in load_log.read_text().splitlines())
-    workers = {pid for pid, kind in loads if kind == "worker"}
-    assert len(workers) == 2, loads
-    # glibc's adaptive mmap threshold stays on in the workers (dask's nanny would switch it off).
-    assert {(pid, "malloc_trim_threshold=unset") for pid in workers} <= set(loads), loads
-    # Each worker that ran face (caption) tasks loaded the models exactly once, though the two
-    # workers ran three shards' face and caption tasks between them.
+
+def check_models_loaded_once_per_worker(loads: Counter, workers: set[str]) -> None:
+    """Each worker that ran face (caption) tasks loaded their models exactly once, however many of
+    the three shards' tasks it ran."""
     for kind in ("faces", "attributes"):
         tasks = {pid: n for (pid, k), n in loads.items() if k == f"{kind}-task"}
         loaded = {pid: n for (pid, k), n in loads.items() if k == kind}
         assert sum(tasks.values()) == 3 and set(tasks) <= workers, loads
         assert loaded == dict.fromkeys(tasks, 1), loads
+
+
+@pytest.mark.slow
+def test_dask_runner_matches_thread_runner(tmp_path, web, web_root, cli_env):
+    worker_env = {"DASK_DISTRIBUTED__WORKER__PRELOAD": "['tests.test_dask_runner']"}
+    _, output, loads = run_with_thread_runner_and("dask", tmp_path, web, web_root, cli_env, worker_env, timeout=240)
+    # Worker start and stop chatter from distributed stays out of the user's terminal.
+    assert "distributed.nanny" not in output and "distributed.scheduler" not in output
+
+    workers = {pid for pid, kind in loads if kind == "worker"}
+    assert len(workers) == 2, loads
+    # glibc's adaptive mmap threshold stays on in the workers (dask's nanny would switch it off).
+    assert {(pid, "malloc_trim_threshold=unset") for pid in workers} <= set(loads), loads
+    check_models_loaded_once_per_worker(loads, workers)

@@ -158,6 +158,30 @@ def test_missing_input_gives_one_line_error(tmp_path, cli_env):
     assert "nowhere.parquet" in proc.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.parametrize("kind", ["process", "dask"])
+def test_models_checked_in_a_short_lived_process(tmp_path, monkeypatch, kind):
+    """Where the tasks run in worker processes, the models are checked in a child process, so the
+    flow process does not hold them for the whole run; a bad model is still one line up front."""
+    from facedata import face_models
+    from facedata.config import RunnerConfig, config_from_dict
+    from flows.curate import run_curation
+
+    def load_here(*args):
+        raise AssertionError("models loaded in the flow process")
+
+    monkeypatch.setattr(face_models, "load_models", load_here)  # not in the spawned child
+    absent = tmp_path / "absent"
+    cfg = config_from_dict({"input": {"path": str(tmp_path / "urls.parquet")}, "runner": {"kind": kind},
+                            "faces": {"model_dir": str(absent)}})
+    with pytest.raises(ValueError, match="no such folder") as err:
+        run_curation(cfg, tmp_path / "run")
+    assert str(absent) in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "run").exists()
+    # The thread runner's tasks run in this process and reuse its models: they load here.
+    with pytest.raises(AssertionError, match="flow process"):
+        run_curation(cfg.model_copy(update={"runner": RunnerConfig(kind="thread")}), tmp_path / "run")
+
+
 @pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["demo", "--help"], ["detect", "--help"]])
 def test_help(args):
     proc = subprocess.run(facedata_cmd(*args), capture_output=True, text=True, timeout=60, cwd=REPO)

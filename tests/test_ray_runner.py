@@ -14,14 +14,17 @@ import os
 import socket
 import subprocess
 import sys
-from collections import Counter
 
 import pytest
 
-from facedata import records
 from facedata.config import RunnerConfig, config_from_dict
-from tests.conftest import REPO, facedata_cmd
-from tests.test_dask_runner import LOAD_LOG_ENV, _final_records, _log_load, dask_setup
+from tests.conftest import REPO
+from tests.test_dask_runner import (
+    _log_load,
+    check_models_loaded_once_per_worker,
+    dask_setup,
+    run_with_thread_runner_and,
+)
 from tests.test_flow import write_config, write_corpus
 
 needs_ray = pytest.mark.skipif(
@@ -106,53 +109,18 @@ def test_unreachable_address_fails_at_once(prefect_settings):
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # two whole runs; a Ray instance starts in 10-20 s on a busy machine
 def test_ray_runner_matches_thread_runner(tmp_path, web, web_root, cli_env):
-    photos = sorted(p.name for p in web_root.glob("*_studio_portrait.jpg"))[:5]
-    rows = [(web.url(name), f"photo {i}") for i, name in enumerate(photos)]
-    rows += [(web.url("status/404"), "gone"), (web.url("chelsea.png"), "cat")]
-    corpus = write_corpus(tmp_path / "corpus.parquet", rows)
-    # Three shards on two workers: one worker takes a second shard's face and caption tasks.
-    # Face parsing left out: its model takes ~10 s to load, in each worker.
-    cfg = write_config(tmp_path / "run.yaml", corpus, shards={"samples_per_shard": 3},
-                       attributes={"predictors": ["age_gender", "expression", "geometry"]},
-                       output={"contact_sheet": False})
-    runs, outputs = {}, {}
-    load_log = tmp_path / "loads.txt"
-    for kind in ("thread", "ray"):
-        env = dict(cli_env)
-        if kind == "ray":
-            env[LOAD_LOG_ENV] = str(load_log)
-            env["RAY_RUNTIME_ENV_HOOK"] = "tests.test_ray_runner.add_load_counting"
-        runs[kind] = tmp_path / kind
-        proc = subprocess.run(
-            facedata_cmd("run", str(cfg), "--output", str(runs[kind]), "--no-progress",
-                         "--set", f"runner.kind={kind}", "--set", "runner.max_workers=2"),
-            env=env, capture_output=True, text=True, timeout=600,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        outputs[kind] = proc.stdout + proc.stderr
-
-    thread, ray = (_final_records(runs[kind], len(rows)) for kind in ("thread", "ray"))
-    assert ray == thread
-    statuses = Counter(status for status, *_ in ray.values())
-    assert statuses == {records.OK: len(photos), "http_404": 1, records.NO_FACE: 1}
-    assert len(list((runs["ray"] / "shards").glob("*.tar"))) == 3
+    worker_env = {"RAY_RUNTIME_ENV_HOOK": "tests.test_ray_runner.add_load_counting"}
+    _, output, loads = run_with_thread_runner_and("ray", tmp_path, web, web_root, cli_env, worker_env, timeout=600)
     # The workers' per-shard INFO lines reach the terminal (their level is this process's), each
     # one (Ray would fold lines that differ only in numbers into one), without colour codes.
-    assert outputs["ray"].count("caption shard 0000") == 3, outputs["ray"][-3000:]
-    assert "\x1b[" not in outputs["ray"]
+    assert output.count("caption shard 0000") == 3, output[-3000:]
+    assert "\x1b[" not in output
 
-    loads = Counter(tuple(line.split()) for line in load_log.read_text().splitlines())
     workers = {pid for pid, kind in loads if kind == "worker"}
     # Two task slots; Ray starts spare worker processes as it sees fit (3 and 4 seen), so the check
-    # below is per worker process: however many tasks it ran, it loaded each model once.
+    # of model loads is per worker process: however many tasks it ran, it loaded each model once.
     assert len(workers) >= 2, loads
     # Every worker reports to the flow's own API server (the CLI's temporary one), none starts its own.
     api_urls = {kind for _, kind in loads if kind.startswith("api=")}
     assert len(api_urls) == 1 and api_urls.pop().startswith("api=http://127.0.0.1:"), loads
-    # Each worker that ran face (caption) tasks loaded the models exactly once, however many of
-    # the three shards' tasks it ran.
-    for kind in ("faces", "attributes"):
-        tasks = {pid: n for (pid, k), n in loads.items() if k == f"{kind}-task"}
-        loaded = {pid: n for (pid, k), n in loads.items() if k == kind}
-        assert sum(tasks.values()) == 3 and set(tasks) <= workers, loads
-        assert loaded == dict.fromkeys(tasks, 1), loads
+    check_models_loaded_once_per_worker(loads, workers)
