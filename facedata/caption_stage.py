@@ -9,12 +9,15 @@ and the composer writes a caption from what is left. The web caption stays in `c
 Written, each atomically: `RUN/captions/NNNNN.parquet` (every record of the shard plus
 face_caption, face_attributes, n_valid_labels, caption_rewritten) and `NNNNN.stats.json` last,
 which marks the shard done: the models with their versions and licences, seconds per model,
-how often each attribute was found, and the shard's caption statistics.
+how often each attribute was found, the shard's caption statistics, and a digest of the records it
+captioned. When the identity stage is redone over a grown input, a shard whose records changed is
+captioned again; its images described before keep their descriptions and captions (same settings).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import time
@@ -36,7 +39,7 @@ from facedata.config import AttributeConfig, Config
 from facedata.face_stage import _tar_images, face_dir
 from facedata.identity_stage import identity_dir
 from facedata.imaging import decode_rgb
-from facedata.shards import atomic_path, is_done, read_stats, shard_name, stats_path, write_json
+from facedata.shards import atomic_path, file_sha256, is_done, read_stats, shard_name, stats_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +164,31 @@ def score_relevance(cfg: Config, tar_path: Path, rows: list[dict], columns: dict
             statuses[kept[key]] = records.LOW_RELEVANCE
 
 
+def description_settings(cfg: Config) -> dict:
+    """What a shard's descriptions and captions depend on besides its images: a shard captioned
+    again under the same settings reuses the descriptions it has (see _previous_descriptions)."""
+    acfg = cfg.attributes
+    return {
+        "thresholds": thresholds(acfg),
+        "min_valid_labels": acfg.min_valid_labels,
+        "max_faces": acfg.max_faces,
+        "models": {type(p).__name__: p.info.as_dict() for p in load_predictors(acfg, cfg.faces)},
+        "rewriter": cfg.captions.rewriter_model,
+        "captions": cfg.captions.enabled,
+        "caption_seed": cfg.captions.seed,
+    }
+
+
+def _previous_descriptions(path: Path, stats: dict, settings: dict) -> dict[str, dict]:
+    """key -> the face_attributes, face_caption and caption_rewritten of the images an earlier
+    captioning of this shard described, when it ran under the same settings (else none)."""
+    settings = json.loads(json.dumps(settings))  # as stats.json holds them
+    if any(stats.get(k) != v for k, v in settings.items()) or not path.exists():
+        return {}
+    table = pq.read_table(path, columns=["key", "face_attributes", "face_caption", "caption_rewritten"])
+    return {row["key"]: row for row in table.to_pylist() if row["face_attributes"]}
+
+
 def _face_attributes(face_ids: list[int], attributes: list[dict[str, Prediction]]) -> list[dict]:
     return [
         {
@@ -177,11 +205,22 @@ def run_caption_shard(shard_id: int, cfg: Config, run_dir: Path, progress: bool 
     run_dir = Path(run_dir)
     src, dst = source_dir(cfg, run_dir), caption_dir(run_dir)
     name = shard_name(shard_id)
+    source = src / f"{name}.parquet"
+    if not source.exists():
+        raise RuntimeError(f"{source} is missing: run the stages before captions first")
+    source_digest = file_sha256(source)
+    previous: dict[str, dict] = {}
     if is_done(dst, shard_id):
-        log.info("caption shard %s already done, skipped", name)
-        return read_stats(dst, shard_id)
-    if not (src / f"{name}.parquet").exists():
-        raise RuntimeError(f"{src / name}.parquet is missing: run the stages before captions first")
+        stats = read_stats(dst, shard_id)
+        # Stats without a digest come from before digests were recorded: trusted, as they were then.
+        if stats.get("source_digest", source_digest) == source_digest:
+            log.info("caption shard %s already done, skipped", name)
+            return stats
+        # The identity stage was redone over a grown input, so some images' statuses changed: the
+        # shard is captioned again, and its images described before are not described twice.
+        previous = _previous_descriptions(dst / f"{name}.parquet", stats, description_settings(cfg))
+        log.info("caption shard %s: its records changed since it was captioned; captioned again (%d images "
+                 "described before)", name, len(previous))
     dst.mkdir(parents=True, exist_ok=True)
     for stale in dst.glob(f".{name}.*.tmp"):  # left by an earlier, killed attempt
         stale.unlink(missing_ok=True)
@@ -191,35 +230,41 @@ def run_caption_shard(shard_id: int, cfg: Config, run_dir: Path, progress: bool 
     predictors = load_predictors(acfg, cfg.faces)
     rewriter = load_rewriter(cfg.captions.rewriter_model) if cfg.captions.rewriter_model else None
     needed = thresholds(acfg)
-    table = pq.read_table(src / f"{name}.parquet")
+    table = pq.read_table(source)
     rows = table.select(["key", "status", "caption", "width", "height", "ext", "faces", "primary_face",
                          "n_faces"]).to_pylist()
     kept = {r["key"]: i for i, r in enumerate(rows) if r["status"] == records.OK and r["faces"]}
-    wanted = {key: rows[i]["ext"] for key, i in kept.items()}
 
     columns: dict[str, list] = {c: [None] * len(rows) for c in CAPTION_COLUMNS}
     statuses = table.column("status").to_pylist()
     seconds: Counter = Counter()
     attribute_counts: Counter = Counter()
-    n_faces_described = 0
+    n_faces_described = n_faces_new = 0
     pending: list[tuple[int, list[int], list[FaceInput]]] = []
 
-    def flush() -> None:
+    def record(row_index: int, described: list[dict]) -> None:
+        """The row's face_attributes (primary face first) and the status they give it."""
         nonlocal n_faces_described
+        n_faces_described += len(described)
+        for face in described:
+            attribute_counts.update(name for name, value in face["values"].items() if value is not None)
+        columns["face_attributes"][row_index] = described
+        columns["n_valid_labels"][row_index] = sum(v is not None for v in described[0]["values"].values())
+        if columns["n_valid_labels"][row_index] < acfg.min_valid_labels:
+            statuses[row_index] = records.TOO_FEW_ATTRIBUTES
+
+    def flush() -> None:
+        nonlocal n_faces_new
         faces = [face for _, _, inputs in pending for face in inputs]
+        n_faces_new += len(faces)
         described = describe(predictors, faces, needed, seconds)
         at = 0
         for row_index, face_ids, inputs in pending:
             attrs = described[at : at + len(inputs)]
             at += len(inputs)
             row = rows[row_index]
-            n_faces_described += len(attrs)
-            for a in attrs:
-                attribute_counts.update(a.keys())
-            columns["face_attributes"][row_index] = _face_attributes(face_ids, attrs)
-            columns["n_valid_labels"][row_index] = len(attrs[0])
-            if len(attrs[0]) < acfg.min_valid_labels:
-                statuses[row_index] = records.TOO_FEW_ATTRIBUTES
+            record(row_index, _face_attributes(face_ids, attrs))
+            if statuses[row_index] == records.TOO_FEW_ATTRIBUTES:
                 continue
             if cfg.captions.enabled:
                 composed = compose_caption(attrs, row["n_faces"], seed=f"{cfg.captions.seed}:{row['key']}")
@@ -227,6 +272,18 @@ def run_caption_shard(shard_id: int, cfg: Config, run_dir: Path, progress: bool 
                     composed, columns["caption_rewritten"][row_index] = rewrite_caption(rewriter, attrs, composed)
                 columns["face_caption"][row_index] = composed
         pending.clear()
+
+    wanted = {}
+    for key, row_index in kept.items():
+        before = previous.get(key)
+        face_ids = described_faces(rows[row_index]["faces"], rows[row_index]["primary_face"], acfg.max_faces)
+        if before is not None and [face["face"] for face in before["face_attributes"]] == face_ids:
+            record(row_index, before["face_attributes"])
+            columns["face_caption"][row_index] = before["face_caption"]
+            columns["caption_rewritten"][row_index] = before["caption_rewritten"]
+        else:
+            wanted[key] = rows[row_index]["ext"]
+    n_reused = len(kept) - len(wanted)
 
     decode_start = time.perf_counter()
     with tqdm(total=len(wanted), desc=f"captions {name}", unit="img", disable=not progress, leave=False) as bar:
@@ -265,19 +322,18 @@ def run_caption_shard(shard_id: int, cfg: Config, run_dir: Path, progress: bool 
         "shard_id": shard_id,
         "n_samples": len(rows),
         "n_described": len(kept),
+        "n_reused": n_reused,  # described in an earlier captioning of the shard, not again
         "n_faces_described": n_faces_described,
         "n_ok": statuses.count(records.OK),
         "n_captions": len(captions),
         "status_counts": dict(sorted(Counter(statuses).items())),
         "caption_status_counts": dict(sorted(Counter(statuses[i] for i in kept.values()).items())),
         "attribute_counts": dict(sorted(attribute_counts.items())),
-        "thresholds": needed,
-        "min_valid_labels": acfg.min_valid_labels,
-        "models": {type(p).__name__: p.info.as_dict() for p in predictors},
-        "rewriter": cfg.captions.rewriter_model,
+        **description_settings(cfg),
+        "source_digest": source_digest,  # the records captioned: a redone identity stage changes it
         "seconds": round(total_seconds, 3),
         "seconds_by_step": {k: round(v, 3) for k, v in sorted(seconds.items())},
-        "faces_per_second": round(n_faces_described / total_seconds, 2) if total_seconds else None,
+        "faces_per_second": round(n_faces_new / total_seconds, 2) if total_seconds and n_faces_new else None,
         "caption_stats": caption_stats(captions, [columns["n_valid_labels"][i] for i in kept.values()]),
         "started_at": started,
         "finished_at": time.time(),

@@ -16,7 +16,8 @@ per-face bookkeeping is a handful of numpy arrays, never Python objects per face
 Written, each atomically: `RUN/identity/NNNNN.parquet` per shard (the face stage's records plus
 identity_id, identity_size, identity_centre_sim, identity_outlier, face_identity_ids, split and
 identity_status), `gallery.png` (the largest identities and the flagged outliers, face crops) and
-`identity.json` last, which marks the stage done. Same input and config give the same output.
+`identity.json` last, which marks the stage done for its list of shards (a run whose input grew by
+new shards does it again over all of them). Same input and config give the same output.
 """
 
 from __future__ import annotations
@@ -313,8 +314,14 @@ def run_identity_stage(cfg: Config, run_dir: Path, shard_ids: list[int]) -> dict
     run_dir = Path(run_dir)
     out_dir = identity_dir(run_dir)
     if is_identity_done(run_dir):
-        log.info("identity stage already done, skipped")
-        return json.loads((out_dir / DONE_FILE).read_text())
+        report = json.loads((out_dir / DONE_FILE).read_text())
+        if report.get("shard_ids") == shard_ids:
+            log.info("identity stage already done, skipped")
+            return report
+        # The input grew by new shards: identities, duplicates and splits are decided over all faces
+        # again (old shards' records may change; their caption shards see that and are redone).
+        log.info("identity: the run has %d shards, %d when this stage ran; redone over all of them",
+                 len(shard_ids), len(report.get("shard_ids", [])))
     icfg = cfg.identity
     started = time.perf_counter()
     emb, idx = gather_faces(run_dir, shard_ids, out_dir / "embeddings.npy")
@@ -382,6 +389,7 @@ def run_identity_stage(cfg: Config, run_dir: Path, shard_ids: list[int]) -> dict
         "knn_seconds": round(t_knn, 3),
         "cluster_seconds": round(t_cluster, 3),
         "config": icfg.model_dump(mode="json"),
+        "shard_ids": shard_ids,
     }
     status_counts, identity_counts, split_counts, truth = _write_shards(
         run_dir, shard_ids, idx, face_image, images, image_drop, labels, size, centre_sim, outlier,

@@ -53,7 +53,7 @@ from tqdm import tqdm
 from facedata import records
 from facedata.attributes.vocabulary import ATTRIBUTES
 from facedata.errors import UserError
-from facedata.shards import shard_name
+from facedata.shards import file_sha256, shard_name
 
 log = logging.getLogger(__name__)
 
@@ -202,14 +202,6 @@ def split_order(counts: Counter) -> list[str]:
 
 # ------------------------------------------------------------------------------------------ fingerprint
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fingerprint(shards: RunShards, options: dict) -> str:
     """What the published content depends on: every published shard's final records (the captions
     parquet's bytes), its image tar's size, its embeddings' size when they are published, the skipped
@@ -219,7 +211,7 @@ def fingerprint(shards: RunShards, options: dict) -> str:
                         sort_keys=True).encode())
     for shard_id in shards.ids:
         name = shard_name(shard_id)
-        h.update(f"\n{name} {_sha256_file(_captions_path(shards.run_dir, shard_id))}".encode())
+        h.update(f"\n{name} {file_sha256(_captions_path(shards.run_dir, shard_id))}".encode())
         h.update(f" tar={(shards.run_dir / 'shards' / f'{name}.tar').stat().st_size}".encode())
         if options.get("embeddings"):
             emb = shards.run_dir / "faces" / f"{name}.embeddings.npy"
@@ -404,7 +396,7 @@ class SplitWriter:
 
     def _record(self, path: Path) -> None:
         rel = path.relative_to(self.root).as_posix()
-        self.files[rel] = {"bytes": path.stat().st_size, "sha256": _sha256_file(path)}
+        self.files[rel] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
         log.debug("publish: wrote %s (%d bytes)", rel, self.files[rel]["bytes"])
 
     def _close(self) -> None:
@@ -622,6 +614,12 @@ def _check_apart(dest: Path, run_dir: Path) -> None:
         raise UserError(f"{dest}: the destination must be outside the run directory {run_dir}")
 
 
+def holds_publish_of(dest: Path, run_dir: Path) -> bool:
+    """Whether the folder DEST holds a publish of the run at run_dir (any version of it)."""
+    manifest = read_manifest(dest) if dest.is_dir() else None
+    return bool(manifest) and manifest.get("run_dir") == str(Path(run_dir).resolve())
+
+
 def _check_dest(dest: Path, fp: str, overwrite: bool) -> dict | None:
     """The manifest of an identical earlier publish at DEST, else None when DEST may be (re)written."""
     if not dest.exists() and not dest.is_symlink():
@@ -764,7 +762,7 @@ def publish_run(run_dir: Path, dest: Path, *, overwrite: bool = False, skip_part
         for path in sorted(tmp.rglob("*")):
             rel = path.relative_to(tmp).as_posix()
             if path.is_file() and not path.is_symlink() and rel not in files and rel != MANIFEST:
-                files[rel] = {"bytes": path.stat().st_size, "sha256": _sha256_file(path)}
+                files[rel] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
         manifest["files"] = dict(sorted(files.items()))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
         _swap_in(tmp, dest)

@@ -62,6 +62,8 @@ _WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # Sources that embed image bytes read fewer rows per batch, so a batch stays within a few hundred MB.
 _IMAGE_BATCH_ROWS = 256
 _SHARD_FILE = re.compile(r"^\d{5,}\.parquet(\.tmp)?$")
+# Formats whose input can grow by new files after a run was planned (see plan_shards).
+_APPENDABLE = frozenset({"parquet", "csv", "tsv", "jsonl", "webdataset"})
 
 
 class InputError(UserError):
@@ -165,9 +167,8 @@ def _all_files(source: _Source) -> Iterator[Path]:
             yield f
 
 
-def _fingerprint(cfg: InputConfig, source: _Source, samples_per_shard: int) -> str:
-    """Identity of a planning: input files (path, size, mtime) and every setting that shapes the shards."""
-    digest = hashlib.blake2b(digest_size=16)
+def _settings(cfg: InputConfig, source: _Source, samples_per_shard: int) -> str:
+    """Every setting that shapes the shards, as JSON."""
     settings = {
         "format": source.format,
         "hub": cfg.path if not source.files else None,
@@ -178,11 +179,28 @@ def _fingerprint(cfg: InputConfig, source: _Source, samples_per_shard: int) -> s
         "dedupe_urls": cfg.dedupe_urls,
         "samples_per_shard": samples_per_shard,
     }
-    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return json.dumps(settings, sort_keys=True)
+
+
+def _digest(*parts: str) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        digest.update(part.encode())
+    return digest.hexdigest()
+
+
+def _file_entries(source: _Source) -> list[list]:
+    """[resolved path, size, mtime_ns] of every input file, in read order."""
+    entries = []
     for f in _all_files(source):
         st = f.stat()
-        digest.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
+        entries.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+    return entries
+
+
+def _fingerprint(settings: str, files: list[list]) -> str:
+    """Identity of a planning: the settings and the input files (path, size, mtime)."""
+    return _digest(settings, *(f"{path}\0{size}\0{mtime}\n" for path, size, mtime in files))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,14 +505,23 @@ def _clean(values: pa.Array | list) -> list[str | None]:
     return [(v.strip() or None) if v is not None else None for v in _strings(values).to_pylist()]
 
 
+def _url_hash(url: str) -> int:
+    return int.from_bytes(hashlib.blake2b(url.encode("utf-8"), digest_size=8).digest(), "little")
+
+
 class _Normaliser:
     """Turns reader batches into sample tables; holds the state that spans batches."""
 
-    def __init__(self, cfg: InputConfig):
+    def __init__(self, cfg: InputConfig, first_row: int = 0, extras: list[str] | None = None,
+                 seen_urls: set[int] | None = None):
+        """An appended planning continues an earlier one: its keys from first_row, the extra
+        columns it chose, the URLs it saw (for the dedupe)."""
         self.cfg = cfg
-        self.n_rows = 0
-        self.seen_urls: set[int] = set()
-        self.extras: list[str] | None = list(cfg.extra_cols) if cfg.extra_cols is not None else None
+        self.first_row = self.n_rows = first_row
+        self.seen_urls: set[int] = seen_urls if seen_urls is not None else set()
+        if extras is None and cfg.extra_cols is not None:
+            extras = list(cfg.extra_cols)
+        self.extras: list[str] | None = extras
         self.skipped: set[str] = set()
 
     def _url_status(self, url: str | None) -> str | None:
@@ -503,8 +530,7 @@ class _Normaliser:
         if not _is_http_url(url):
             return records.INVALID_URL
         if self.cfg.dedupe_urls:
-            digest = hashlib.blake2b(url.encode("utf-8"), digest_size=8).digest()
-            url_hash = int.from_bytes(digest, "little")
+            url_hash = _url_hash(url)
             if url_hash in self.seen_urls:
                 return records.DUPLICATE_URL
             self.seen_urls.add(url_hash)
@@ -553,7 +579,8 @@ def iter_samples(cfg: InputConfig, batch_rows: int = BATCH_ROWS) -> Iterator[pa.
     return _iter_source(cfg, _resolve(cfg), batch_rows)
 
 
-def _iter_source(cfg: InputConfig, source: _Source, batch_rows: int) -> Iterator[pa.Table]:
+def _iter_source(cfg: InputConfig, source: _Source, batch_rows: int,
+                 normalise: _Normaliser | None = None) -> Iterator[pa.Table]:
     if source.format == "folder":
         batches = _read_folder(source.files[0], batch_rows)
     elif source.format in ("csv", "tsv"):
@@ -561,19 +588,21 @@ def _iter_source(cfg: InputConfig, source: _Source, batch_rows: int) -> Iterator
     else:
         reader = {"parquet": _read_parquet, "jsonl": _read_jsonl, "hf": _read_hf, "webdataset": _read_webdataset}
         batches = reader[source.format](cfg, source.files, batch_rows)
-    normalise = _Normaliser(cfg)
+    normalise = normalise or _Normaliser(cfg)
     for batch in batches:
         if len(batch.url):
             yield normalise(batch)
-    if normalise.n_rows == 0:
-        raise InputError(f"{cfg.path}: no samples found")
+    if normalise.n_rows == normalise.first_row:
+        where = cfg.path if normalise.first_row == 0 else ", ".join(str(f) for f in source.files)
+        raise InputError(f"{where}: no samples found")
 
 
 # ---------------------------------------------------------------------------------------------
 # Shard planning
 
 
-def _write_shards(tables: Iterator[pa.Table], samples_per_shard: int, plan_dir: Path) -> list[ShardPlan]:
+def _write_shards(tables: Iterator[pa.Table], samples_per_shard: int, plan_dir: Path,
+                  first_shard: int = 0) -> list[ShardPlan]:
     shards: list[ShardPlan] = []
     writer: pq.ParquetWriter | None = None
     tmp = final = None
@@ -584,14 +613,14 @@ def _write_shards(tables: Iterator[pa.Table], samples_per_shard: int, plan_dir: 
         writer.close()
         writer = None
         os.replace(tmp, final)
-        shards.append(ShardPlan(len(shards), str(final), count))
+        shards.append(ShardPlan(first_shard + len(shards), str(final), count))
 
     try:
         for table in tables:
             offset = 0
             while offset < table.num_rows:
                 if writer is None:
-                    final = plan_dir / f"{len(shards):05d}.parquet"
+                    final = plan_dir / f"{first_shard + len(shards):05d}.parquet"
                     tmp = final.with_name(final.name + ".tmp")
                     writer = pq.ParquetWriter(tmp, table.schema)
                     count = 0
@@ -613,37 +642,93 @@ def plan_shards(cfg: InputConfig, samples_per_shard: int, plan_dir: Path) -> lis
     """Split the input into plan_dir/00000.parquet, 00001.parquet, ... of samples_per_shard rows each.
 
     plan.json is written last: when it exists and matches the input (files, sizes, mtimes, settings),
-    the plan is reused without reading the input; when it is missing the planning is redone.
+    the plan is reused without reading the input; when it is missing the planning is redone. An
+    input that grew by new files since (a folder or pattern of parquet, CSV, JSONL or tar files that
+    a nightly job adds to) gets new shards for the new files only, after the planned ones: the keys
+    go on from the last planned one and the URL dedupe remembers the planned URLs. Any other change
+    (settings, a planned file changed or removed) is an error: the run dir belongs to that input.
     """
     plan_dir = Path(plan_dir)
     source = _resolve(cfg)
-    fingerprint = _fingerprint(cfg, source, samples_per_shard)
+    settings = _settings(cfg, source, samples_per_shard)
+    files = _file_entries(source)
+    fingerprint = _fingerprint(settings, files)
+    settings = _digest(settings)
     plan_file = plan_dir / PLAN_FILE
     if plan_file.exists():
         plan = _read_plan(plan_file)
-        if plan.get("fingerprint") != fingerprint:
-            raise InputError(
-                f"{plan_file}: this run dir belongs to another input or settings (planned from "
-                f"{plan.get('input')}); use another output dir or delete this one"
-            )
-        return load_plan(plan_dir)
-    plan_dir.mkdir(parents=True, exist_ok=True)
-    for stale in plan_dir.iterdir():  # left by a killed planning
-        if _SHARD_FILE.match(stale.name) or (stale.name.startswith(f".{PLAN_FILE}.") and stale.suffix == ".tmp"):
-            stale.unlink()
-    shards = _write_shards(_iter_source(cfg, source, BATCH_ROWS), samples_per_shard, plan_dir)
+        if plan.get("fingerprint") == fingerprint:
+            return load_plan(plan_dir)
+        new_files = _appended_files(plan_file, plan, cfg, source, settings, files)
+        planned = load_plan(plan_dir)
+        _remove_unplanned(plan_dir, {Path(s.path).name for s in planned})
+        normalise = _Normaliser(cfg, first_row=plan["n_samples"], extras=plan["extra_cols"],
+                                seen_urls=_planned_urls(planned) if cfg.dedupe_urls else None)
+        appended = _write_shards(_iter_source(cfg, _Source(source.format, new_files), BATCH_ROWS, normalise),
+                                 samples_per_shard, plan_dir, first_shard=len(planned))
+        shards = planned + appended
+        log.info("planned %d more samples in %d new shards from %d new files of %s", normalise.n_rows - normalise.first_row,
+                 len(appended), len(new_files), cfg.path)
+    else:
+        plan_dir.mkdir(parents=True, exist_ok=True)
+        _remove_unplanned(plan_dir, set())
+        normalise = _Normaliser(cfg)
+        shards = _write_shards(_iter_source(cfg, source, BATCH_ROWS, normalise), samples_per_shard, plan_dir)
+        log.info("planned %d samples in %d shards from %s (%s)", normalise.n_rows, len(shards), cfg.path,
+                 source.format)
     plan = {
         "input": cfg.path,
         "format": source.format,
         "fingerprint": fingerprint,
+        "settings": settings,
+        "files": files,
+        "extra_cols": normalise.extras,
         "n_samples": sum(s.n_samples for s in shards),
         "n_shards": len(shards),
         "shards": [{"shard_id": s.shard_id, "file": Path(s.path).name, "n_samples": s.n_samples} for s in shards],
     }
     # Temporary file and rename (shards too): a killed run never leaves a half-written file behind.
     write_json(plan_file, plan)
-    log.info("planned %d samples in %d shards from %s (%s)", plan["n_samples"], len(shards), cfg.path, source.format)
     return shards
+
+
+def _appended_files(plan_file: Path, plan: dict, cfg: InputConfig, source: _Source, settings: str,
+                    files: list[list]) -> list[Path]:
+    """The input files added since the plan was made, in read order, when the input only grew by
+    new files; otherwise an InputError saying what changed."""
+    another = f"{plan_file}: this run dir belongs to another input or settings (planned from {plan.get('input')})"
+    if plan.get("settings") != settings or "files" not in plan:
+        raise InputError(f"{another}; use another output dir or delete this one")
+    now = {path: [size, mtime] for path, size, mtime in files}
+    for path, size, mtime in plan["files"]:
+        if path not in now:
+            raise InputError(f"{plan_file}: planned input file {path} was removed; a run's input may only "
+                             "grow by new files (use another output dir or delete this one)")
+        if now[path] != [size, mtime]:
+            raise InputError(f"{plan_file}: planned input file {path} changed (size or mtime); a run's input "
+                             "may only grow by new files (use another output dir or delete this one)")
+    if source.format not in _APPENDABLE:
+        raise InputError(f"{another}: {cfg.path} has new files, and input.format {source.format} cannot add "
+                         "them to planned shards; use another output dir or delete this one")
+    planned = {path for path, *_ in plan["files"]}
+    return [f for f in source.files if str(f.resolve()) not in planned]
+
+
+def _planned_urls(planned: list[ShardPlan]) -> set[int]:
+    """Hashes of the planned shards' URLs, so an appended planning drops their repeats."""
+    seen: set[int] = set()
+    for shard in planned:
+        seen.update(_url_hash(url) for url in pq.read_table(shard.path, columns=["url"]).column("url").to_pylist()
+                    if url is not None)
+    return seen
+
+
+def _remove_unplanned(plan_dir: Path, keep: set[str]) -> None:
+    """Shard files a killed planning left (none of the planned ones) and plan.json temporaries."""
+    for stale in plan_dir.iterdir():
+        if ((_SHARD_FILE.match(stale.name) and stale.name not in keep)
+                or (stale.name.startswith(f".{PLAN_FILE}.") and stale.suffix == ".tmp")):
+            stale.unlink()
 
 
 def _read_plan(plan_file: Path) -> dict:

@@ -12,6 +12,7 @@ A shard without its stats file is unfinished; a rerun redoes it from its plan an
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -179,6 +180,14 @@ class ShardWriter:
         }
         write_json(stats_path(self.shard_dir, self.shard_id), stats)
         return stats
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_stats(shard_dir: Path, shard_id: int) -> dict:

@@ -88,10 +88,12 @@ def report_task(cfg: Config, run_dir: str, stage_seconds: dict) -> dict:
 
 @task(name="publish", cache_policy=NO_CACHE)
 def publish_task(cfg: Config, run_dir: str, progress: bool) -> dict:
-    from facedata.publish import publish
+    from facedata.publish import holds_publish_of, publish
 
     options = cfg.publish
-    return publish(Path(run_dir), options.to, private=options.private, overwrite=options.overwrite,
+    # A scheduled run whose input grew publishes the new version over its own earlier publish.
+    overwrite = options.overwrite or holds_publish_of(Path(options.to), Path(run_dir))
+    return publish(Path(run_dir), options.to, private=options.private, overwrite=overwrite,
                    crops=options.crops, embeddings=options.embeddings,
                    samples_per_shard=options.samples_per_shard, progress=progress)
 

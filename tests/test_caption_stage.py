@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -15,6 +16,7 @@ from facedata import records
 from facedata.caption_stage import caption_dir, run_caption_shard
 from facedata.captions import attribute_words
 from facedata.config import ConfigError, config_from_dict
+from facedata.face_stage import face_dir
 from facedata.summary import write_run_report
 from tests.conftest import copy_faced_run, download_and_find_faces, package_dir
 
@@ -135,6 +137,50 @@ def test_rerun_skips_done_shards_and_output_is_deterministic(base_run, tmp_path)
     mtime = done.stat().st_mtime_ns
     run_caption_shard(shard, cfg, first, progress=False)
     assert done.stat().st_mtime_ns == mtime
+
+
+def test_changed_records_are_captioned_again_reusing_descriptions(base_run, tmp_path):
+    """When the identity stage is redone over a grown input, a shard's records may change (here an
+    image becomes a near-duplicate): the shard is captioned again, its other images keep their
+    descriptions and captions without meeting the models again; other settings describe anew."""
+    run = fresh_copy(base_run, tmp_path)
+    cfg = make_config(run / "corpus.parquet", predictors=["age_gender", "expression", "geometry"])
+    shard = base_run[1][0]
+    name = f"{shard:05d}"
+    first = run_caption_shard(shard, cfg, run, progress=False)
+    before = {r["key"]: r for r in pq.read_table(caption_dir(run) / f"{name}.parquet").to_pylist()}
+    done = caption_dir(run) / f"{name}.stats.json"
+
+    # Stats from before digests were recorded are trusted as done.
+    recorded = done.read_text()
+    legacy = json.loads(recorded)
+    del legacy["source_digest"]
+    done.write_text(json.dumps(legacy))
+    assert run_caption_shard(shard, cfg, run, progress=False) == legacy
+    done.write_text(recorded)
+
+    source = face_dir(run) / f"{name}.parquet"
+    table = pq.read_table(source)
+    statuses = table.column("status").to_pylist()
+    dropped = statuses.index(records.OK)
+    statuses[dropped] = records.NEAR_DUPLICATE
+    pq.write_table(table.set_column(table.schema.get_field_index("status"), "status", pa.array(statuses)), source)
+    again = run_caption_shard(shard, cfg, run, progress=False)
+    assert again["n_described"] == again["n_reused"] == first["n_described"] - 1
+    assert again["faces_per_second"] is None and again["n_faces_described"] < first["n_faces_described"]
+    after = {r["key"]: r for r in pq.read_table(caption_dir(run) / f"{name}.parquet").to_pylist()}
+    dropped_key = table.column("key")[dropped].as_py()
+    assert after[dropped_key]["status"] == records.NEAR_DUPLICATE and after[dropped_key]["face_caption"] is None
+    columns = ("status", "face_caption", "face_attributes", "n_valid_labels")
+    assert all({c: after[k][c] for c in columns} == {c: before[k][c] for c in columns} for k in after if k != dropped_key)
+
+    # Another attribute subset: nothing of the earlier descriptions is reused.
+    statuses[dropped] = records.OK
+    pq.write_table(table.set_column(table.schema.get_field_index("status"), "status", pa.array(statuses)), source)
+    subset = make_config(run / "corpus.parquet", predictors=["age_gender", "expression", "geometry"],
+                         include=["gender", "smiling"])
+    third = run_caption_shard(shard, subset, run, progress=False)
+    assert third["n_reused"] == 0 and third["n_described"] == first["n_described"]
 
 
 def test_report_has_the_caption_funnel_statistics_and_sheet(base_run, tmp_path):

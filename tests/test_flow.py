@@ -140,6 +140,77 @@ def test_kill_mid_run_then_resume(tmp_path, web, web_root, cli_env):
     assert not list(shard_dir.glob(".*.tmp")) and not list((run_dir / "faces").glob(".*.tmp")), "temp files left"
 
 
+def _done_mtimes(run_dir: Path, stage: str) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted((run_dir / stage).glob("0*"))}
+
+
+@pytest.mark.timeout(600)  # three whole runs
+def test_grown_input_runs_only_its_new_shards_and_matches_a_fresh_run(tmp_path, web_root, cli_env):
+    """A nightly job adds a file to the input folder. The next run downloads and detects only the
+    new shard, redoes the identity stage over all faces, captions again only the old shards whose
+    records that changed (without describing their images again), publishes the new version over
+    its own earlier one, and ends where one run over the whole input ends."""
+    from PIL import Image
+
+    from facedata.webserver import LoopbackServer
+
+    site = tmp_path / "site"
+    site.mkdir()
+    portraits = sorted(web_root.glob("*_studio_portrait.jpg"))[:5]
+    for photo in portraits:
+        (site / photo.name).write_bytes(photo.read_bytes())
+    with Image.open(portraits[0]) as im:  # the same shot, larger: it wins the near-duplicate pair
+        im.resize((im.width * 3 // 2, im.height * 3 // 2), Image.BICUBIC).save(site / "larger_copy.jpg", quality=90)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    with LoopbackServer(site) as web:
+        first = [(web.url(p.name), f"photo {i}") for i, p in enumerate(portraits[:4])] + [(web.url("status/404"), "gone")]
+        later = [(web.url(portraits[4].name), "photo 4"), (web.url("larger_copy.jpg"), "photo 0 again"),
+                 (first[1][0], "photo 1 repeated")]
+        write_corpus(corpus / "2026-11-24.parquet", first)
+        cfg = write_config(tmp_path / "run.yaml", corpus, shards={"samples_per_shard": 3},
+                           attributes={"predictors": ["age_gender", "expression", "geometry"]},
+                           output={"contact_sheet": False})
+
+        def run(out: Path, *options: str) -> None:
+            proc = subprocess.run(facedata_cmd("run", str(cfg), "--output", str(out), "--no-progress", *options),
+                                  env=cli_env, capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+
+        grown, dataset = tmp_path / "grown", tmp_path / "dataset"
+        run(grown, "--set", f"publish.to={dataset}")
+        first_publish = json.loads((dataset / "manifest.json").read_text())
+        before = {stage: _done_mtimes(grown, stage) for stage in ("shards", "faces", "captions")}
+        write_corpus(corpus / "2026-11-25.parquet", later)
+        run(grown, "--set", f"publish.to={dataset}")
+        run(tmp_path / "fresh")
+
+    # The old shards' download and faces were not redone; the new shard (00002) was.
+    for stage in ("shards", "faces"):
+        after = _done_mtimes(grown, stage)
+        assert {k: after[k] for k in before[stage]} == before[stage], stage
+        assert any(name.startswith("00002.") for name in after) and not any(n.startswith("00002.") for n in before[stage])
+    assert json.loads((grown / "identity" / "identity.json").read_text())["shard_ids"] == [0, 1, 2]
+    # Shard 00000 holds photo 0, now the near-duplicate of its larger copy: captioned again with its
+    # other images' descriptions reused; the new shard's images were all described now.
+    stats = {i: json.loads((grown / "captions" / f"0000{i}.stats.json").read_text()) for i in range(3)}
+    assert stats[0]["n_reused"] == stats[0]["n_described"] == 2
+    assert stats[2]["n_reused"] == 0 and stats[2]["n_described"] == 2
+
+    final = check_run_consistent(grown, len(first) + len(later))
+    fresh = check_run_consistent(tmp_path / "fresh", len(first) + len(later))
+    columns = ["key", "status", "face_caption", "identity_id", "split"]
+    assert sorted(final.select(columns).to_pylist(), key=lambda r: r["key"]) == \
+        sorted(fresh.select(columns).to_pylist(), key=lambda r: r["key"])
+    status = dict(zip(final.column("caption").to_pylist(), final.column("status").to_pylist()))
+    assert status["photo 0"] == records.NEAR_DUPLICATE and status["photo 0 again"] == records.OK
+    assert status["photo 1 repeated"] == records.DUPLICATE_URL
+    # The run's dataset folder was replaced by the new version (no --overwrite needed for its own).
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    assert manifest["source_shards"] == ["00000", "00001", "00002"] and first_publish["source_shards"] == ["00000", "00001"]
+    assert manifest["n_samples"] == list(status.values()).count(records.OK) == 5
+
+
 def test_bad_config_gives_one_line_error(tmp_path, cli_env):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("input:\n  path: x.parquet\ndownload:\n  timeout: soon\n")

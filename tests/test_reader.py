@@ -336,8 +336,83 @@ def test_plan_of_another_input_or_settings_is_refused(tmp_path):
             plan_shards(cfg, per_shard, tmp_path / "plan")
     write_parquet(path, url_rows(30))
     os.utime(path, ns=(1, 1))
-    with pytest.raises(InputError, match=r"plan\.json: this run dir belongs to another input"):
+    with pytest.raises(InputError, match=rf"plan\.json: planned input file {path} changed \(size or mtime\)"):
         plan_shards(InputConfig(path=str(path)), 10, tmp_path / "plan")
+
+
+def plan_rows(shards) -> list[dict]:
+    return pa.concat_tables(pq.read_table(s.path) for s in shards).select(["key", "url", "status", "source"]).to_pylist()
+
+
+def test_plan_grows_by_new_input_files(tmp_path):
+    """A nightly job adds files to the input folder: the next run plans only the new files, after
+    the planned shards, as one planning of all files would (keys, dedupe, extra columns)."""
+    folder = tmp_path / "input"
+    folder.mkdir()
+    first = [{**row, "source": "a"} for row in url_rows(25)]
+    write_parquet(folder / "a.parquet", first)
+    cfg = InputConfig(path=str(folder))
+    planned = plan_shards(cfg, 10, tmp_path / "plan")
+    before = snapshot(tmp_path / "plan")
+    # Two URLs seen in a.parquet, a column a.parquet lacks (not carried: the run's extras are fixed).
+    second = [{"url": f"http://example.com/new{i}.jpg", "caption": f"new {i}", "source": "b", "late": "x"}
+              for i in range(10)] + [{**first[3], "source": "b", "late": "x"}, {**first[20], "source": "b", "late": "x"}]
+    write_parquet(folder / "b.parquet", second)
+    grown = plan_shards(cfg, 10, tmp_path / "plan")
+
+    assert grown[:3] == planned
+    assert [(s.shard_id, Path(s.path).name, s.n_samples) for s in grown[3:]] == [(3, "00003.parquet", 10),
+                                                                                 (4, "00004.parquet", 2)]
+    after = snapshot(tmp_path / "plan")
+    assert {name: after[name] for name in before if name != "plan.json"} == \
+        {name: mtime for name, mtime in before.items() if name != "plan.json"}  # planned shards untouched
+    plan = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    assert (plan["n_samples"], plan["n_shards"], len(plan["files"])) == (37, 5, 2)
+    assert load_plan(tmp_path / "plan") == grown
+    # The same rows as one planning of both files: keys go on, repeats of planned URLs are duplicates.
+    fresh = plan_shards(cfg, 10, tmp_path / "fresh")
+    assert plan_rows(grown) == plan_rows(fresh)
+    assert [r["status"] for r in plan_rows(grown)[35:]] == [records.DUPLICATE_URL] * 2
+    assert pq.read_table(grown[3].path).schema == pq.read_table(grown[0].path).schema
+    # Unchanged since: reused as is.
+    assert plan_shards(cfg, 10, tmp_path / "plan") == grown
+    assert snapshot(tmp_path / "plan") == after
+
+
+def test_grown_plan_refuses_changed_or_removed_files_and_cleans_a_killed_append(tmp_path):
+    folder = tmp_path / "input"
+    folder.mkdir()
+    write_parquet(folder / "a.parquet", url_rows(15))
+    cfg = InputConfig(path=str(folder))
+    plan_dir = tmp_path / "plan"
+    plan_shards(cfg, 10, plan_dir)
+    # An append killed before plan.json: its shard files are not planned, and are redone.
+    (plan_dir / "00002.parquet").write_bytes(b"half a shard from a killed append")
+    (plan_dir / "00003.parquet.tmp").write_bytes(b"stale")
+    write_parquet(folder / "b.parquet", [{"url": "http://example.com/b.jpg", "caption": "b"}])
+    grown = plan_shards(cfg, 10, plan_dir)
+    assert sorted(p.name for p in plan_dir.iterdir()) == PLANNED_FILES
+    assert pq.read_table(grown[2].path).column("key").to_pylist() == keys(1, 15)
+
+    (folder / "b.parquet").unlink()
+    with pytest.raises(InputError, match=rf"planned input file {folder / 'b.parquet'} was removed; a run's input "
+                                         "may only grow by new files"):
+        plan_shards(cfg, 10, plan_dir)
+    write_parquet(folder / "a.parquet", url_rows(16))
+    with pytest.raises(InputError, match=rf"planned input file {folder / 'a.parquet'} changed"):
+        plan_shards(cfg, 10, plan_dir)
+
+
+def test_image_folder_input_cannot_grow(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rocket = (SKIMAGE_DATA / "rocket.jpg").read_bytes()
+    (folder / "a.jpg").write_bytes(rocket)
+    cfg = InputConfig(path=str(folder), format="folder")
+    plan_shards(cfg, 10, tmp_path / "plan")
+    (folder / "b.jpg").write_bytes(rocket)
+    with pytest.raises(InputError, match=r"has new files, and input.format folder cannot add them to planned shards"):
+        plan_shards(cfg, 10, tmp_path / "plan")
 
 
 def test_partial_plan_without_plan_json_is_redone(tmp_path):

@@ -178,8 +178,9 @@ def test_served_run_of_unchanged_input_does_nothing_new(tmp_path, web, web_root,
     assert (run_dir / "summary.json").stat().st_mtime_ns > summary_mtime, "the served run should report"
     check_run_consistent(run_dir, len(rows))
 
-    # A changed input (here one more row) no longer matches the run's plan: refused, not mixed in.
+    # A planned input file rewritten (here with one more row) no longer matches the run's plan:
+    # refused, not mixed in. (An input folder that grows by new files is planned on: test_flow.)
     write_corpus(corpus, rows + [(web.url("coffee.png"), "coffee")])
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    with pytest.raises(InputError, match="belongs to another input"):
+    with pytest.raises(InputError, match=f"planned input file {corpus} changed"):
         plan_shards(load_config(cfg).input, saved["shards"]["samples_per_shard"], run_dir / "_plan")
