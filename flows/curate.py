@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -25,11 +24,11 @@ import yaml
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
-from prefect.settings import PREFECT_API_URL
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from facedata.config import Config, RunnerConfig
 from facedata.errors import UserError
+from facedata.prefect_env import start_api_server
 from facedata.reader import ShardPlan, plan_shards
 from facedata.run_artifacts import RunProgress, publish_run_artifacts
 from facedata.shards import atomic_write_bytes
@@ -189,29 +188,12 @@ def task_runner(cfg: RunnerConfig) -> TaskRunner:
 
         return ray_task_runner(cfg)
     if cfg.kind == "process":
-        _share_api_server()
         # Spawned workers start with default logging; give them this process's level for our logs.
         facedata_log = logging.getLogger("facedata")
         return ProcessPoolTaskRunner(
             max_workers=cfg.max_workers, initializer=facedata_log.setLevel, initargs=(facedata_log.level,)
         )
     return ThreadPoolTaskRunner(max_workers=cfg.max_workers)
-
-
-def _share_api_server() -> None:
-    """Point worker processes at this process's Prefect API server.
-
-    Without an API URL each worker would start an ephemeral server of its own (~200 MiB and
-    seconds of start-up each). Workers inherit this process's environment, so the URL of the
-    ephemeral server, started here now rather than lazily by the flow, is put there.
-    """
-    if PREFECT_API_URL.value():
-        return  # the user's own server
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()  # the same instance the flow's client uses
-    server.start()
-    os.environ["PREFECT_API_URL"] = server.api_url
 
 
 def check_models(cfg: Config) -> None:
@@ -241,6 +223,7 @@ def run_curation(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
         # hold ~1 GB in this process for the whole run, so a short-lived process checks them.
         with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
             pool.submit(check_models, cfg).result()
+    start_api_server()
     return curation_flow(cfg)(cfg.model_dump(mode="json"), str(run_dir), progress)
 
 

@@ -17,6 +17,7 @@ resumes a run on its temporary server.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import resource
@@ -248,6 +249,35 @@ def test_flow_killed_mid_run(corpus, reference, env, tmp_path):
 
     rerun(cmd, env, run_dir)
     assert_matches_reference(run_dir, dataset, corpus, reference)
+
+
+def test_killed_run_stops_its_temporary_prefect_server(corpus, cli_env, tmp_path):
+    """Without PREFECT_API_URL a run starts a temporary Prefect server, which Prefect stops at exit.
+    A run killed outright (kill -9, the OOM killer) gets no exit: its watchdog stops the server."""
+    run_dir, dataset = tmp_path / "run", tmp_path / "dataset"
+    proc = start_run(run_cmd(corpus, run_dir, dataset), cli_env, tmp_path / "run.log")
+
+    def temporary_server() -> psutil.Process | None:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                if "prefect.server.api.server:create_app" in child.cmdline():
+                    return child
+            except psutil.Error:
+                continue
+        return None
+
+    server = poll(temporary_server, "the temporary Prefect server", proc)
+    try:
+        poll(lambda: list((run_dir / "shards").glob("*.stats.json")), "a finished download shard", proc)
+        os.kill(proc.pid, signal.SIGKILL)  # the CLI process only, as the OOM killer would
+        assert proc.wait(10) == -signal.SIGKILL
+        _, alive = psutil.wait_procs([server], timeout=20)
+        assert not alive, "the killed run's temporary Prefect server is still running"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(psutil.Error):
+            server.kill()
 
 
 # ------------------------------------------------------------------------------------------- 3. Prefect server
