@@ -15,7 +15,7 @@ from facedata.config import load_config
 from facedata.errors import UserError
 from facedata.reader import InputError, plan_shards
 from tests.conftest import REPO, PrefectServer, facedata_cmd, stop_process_group, wait_for
-from tests.test_flow import check_run_consistent, write_config, write_corpus
+from tests.test_flow import check_run_consistent, file_mtimes, write_config, write_corpus
 
 def parse_serve(*argv: str):
     from flows.deploy import add_serve_parser
@@ -93,10 +93,8 @@ def _flow_run_processes(pid: int) -> list[int]:
     return found
 
 
-def _done_files(run_dir: Path) -> dict[str, int]:
-    """Every stage's done marker and output, with its modification time."""
-    names = ["_plan/*", "shards/*", "faces/*", "identity/*", "captions/*"]
-    return {str(p.relative_to(run_dir)): p.stat().st_mtime_ns for pattern in names for p in run_dir.glob(pattern)}
+# Every stage's done marker and output.
+STAGE_FILES = ("_plan/*", "shards/*", "faces/*", "identity/*", "captions/*")
 
 
 @pytest.mark.slow
@@ -113,7 +111,7 @@ def test_served_run_of_unchanged_input_does_nothing_new(tmp_path, web, web_root,
     first = subprocess.run(facedata_cmd("run", str(cfg), "--output", str(run_dir), "--no-progress"),
                            env=cli_env, capture_output=True, text=True, timeout=240)
     assert first.returncode == 0, first.stderr[-3000:]
-    before = _done_files(run_dir)
+    before = file_mtimes(run_dir, *STAGE_FILES)
     assert len([n for n in before if n.endswith(".stats.json")]) == 3 * 2  # shards, faces, captions
     assert "identity/identity.json" in before
     summary_mtime = (run_dir / "summary.json").stat().st_mtime_ns
@@ -173,7 +171,7 @@ def test_served_run_of_unchanged_input_does_nothing_new(tmp_path, web, web_root,
         server.stop()
         serve_out.close()
 
-    after = _done_files(run_dir)
+    after = file_mtimes(run_dir, *STAGE_FILES)
     assert after == before, "an unchanged input should leave every stage's files untouched"
     assert (run_dir / "summary.json").stat().st_mtime_ns > summary_mtime, "the served run should report"
     check_run_consistent(run_dir, len(rows))
