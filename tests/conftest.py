@@ -180,3 +180,16 @@ class PrefectServer:
     def stop(self) -> None:
         if self.proc is not None:
             stop_process_group(self.proc)
+
+    def request(self, method: str, path: str, **kwargs):
+        """The JSON of an API call, retried on the codes Prefect's own client retries (429, 502,
+        503: a busy SQLite database answers 503); any other error fails with the server's answer."""
+        import httpx
+
+        for attempt in range(6):
+            r = httpx.request(method, f"{self.api}{path}", timeout=10, **kwargs)
+            if r.status_code not in (429, 502, 503):
+                break
+            time.sleep(0.5 * 2**attempt)
+        assert r.is_success, f"{method} {path}: {r.status_code} {r.text[:500]}"
+        return r.json()

@@ -30,7 +30,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import psutil
 import pyarrow.parquet as pq
 import pytest
@@ -74,7 +73,7 @@ def corpus(tmp_path_factory, web, web_root) -> dict:
 class DrillServer(PrefectServer):
     def flow_runs(self, run_dir: Path) -> list[dict]:
         """The flow runs into RUN_DIR the server knows of, oldest first."""
-        runs = httpx.post(f"{self.api}/flow_runs/filter", json={}, timeout=10).json()
+        runs = self.request("POST", "/flow_runs/filter", json={})
         return sorted((r for r in runs if r["parameters"].get("run_dir") == str(run_dir)), key=lambda r: r["created"])
 
 

@@ -133,7 +133,7 @@ def test_served_run_of_unchanged_input_does_nothing_new(tmp_path, web, web_root,
 
         def deployment():
             r = httpx.get(f"{api}/deployments/name/curate/nightly", timeout=5)
-            return r.json() if r.status_code == 200 else None
+            return r.json() if r.status_code == 200 else None  # 404 until serve has registered it
 
         dep = wait_for(deployment, 60, "the served deployment", serve)
         [schedule] = dep["schedules"]
@@ -144,21 +144,21 @@ def test_served_run_of_unchanged_input_does_nothing_new(tmp_path, web, web_root,
         assert dep["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
 
         # What the schedule would start at 02:00, now.
-        run = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", json={}, timeout=10).json()
+        run = server.request("POST", f"/deployments/{dep['id']}/create_flow_run", json={})
 
         def finished():
-            state = httpx.get(f"{api}/flow_runs/{run['id']}", timeout=5).json()["state"]
+            state = server.request("GET", f"/flow_runs/{run['id']}")["state"]
             return state if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
 
         state = wait_for(finished, 120, "the served flow run", serve)
         assert state["type"] == "COMPLETED", (state, serve_log.read_text()[-3000:])
-        flow_run = httpx.get(f"{api}/flow_runs/{run['id']}", timeout=5).json()
+        flow_run = server.request("GET", f"/flow_runs/{run['id']}")
         assert flow_run["empirical_policy"]["retries"] == 1 and flow_run["parameters"]["run_dir"] == str(run_dir)
         # The stages' own log lines reach the run's logs on the server (shipped in batches), from the
         # Dask workers too: every stage of the 2 shards, and the identity stage, was skipped.
         def skipped():
-            logs = httpx.post(f"{api}/logs/filter", json={"logs": {"flow_run_id": {"any_": [run["id"]]}},
-                                                          "limit": 200}, timeout=10).json()
+            logs = server.request("POST", "/logs/filter", json={"logs": {"flow_run_id": {"any_": [run["id"]]}},
+                                                                "limit": 200})
             lines = [entry["message"] for entry in logs if "already done, skipped" in entry["message"]]
             return lines if len(lines) >= 3 * 2 + 1 else None
 
