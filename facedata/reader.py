@@ -638,6 +638,12 @@ def _write_shards(tables: Iterator[pa.Table], samples_per_shard: int, plan_dir: 
     return shards
 
 
+def check_input(cfg: InputConfig) -> None:
+    """The InputError planning would raise for a missing, empty or unrecognised input, now: a run
+    checks this before it loads its models and starts Prefect (tens of seconds on a cold start)."""
+    _resolve(cfg)
+
+
 def plan_shards(cfg: InputConfig, samples_per_shard: int, plan_dir: Path) -> list[ShardPlan]:
     """Split the input into plan_dir/00000.parquet, 00001.parquet, ... of samples_per_shard rows each.
 

@@ -29,7 +29,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 from facedata.config import Config, RunnerConfig
 from facedata.errors import UserError
 from facedata.prefect_env import start_api_server
-from facedata.reader import ShardPlan, plan_shards
+from facedata.reader import ShardPlan, check_input, plan_shards
 from facedata.run_artifacts import RunProgress, publish_run_artifacts
 from facedata.shards import atomic_write_bytes
 
@@ -215,7 +215,8 @@ def check_models(cfg: Config) -> None:
 
 
 def run_curation(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
-    """Check the models, then run the flow with the task runner the config asks for."""
+    """Check the input and the models, then run the flow with the task runner the config asks for."""
+    check_input(cfg.input)
     if cfg.runner.kind == "thread":
         check_models(cfg)  # the tasks run in this process and reuse the loaded (cached) models
     elif cfg.faces.enabled:

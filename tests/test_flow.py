@@ -230,6 +230,25 @@ def test_missing_input_gives_one_line_error(tmp_path, cli_env):
     assert "nowhere.parquet" in proc.stderr.strip().splitlines()[-1]
 
 
+def test_missing_input_is_found_before_models_load_or_prefect_starts(tmp_path, monkeypatch):
+    from facedata.config import config_from_dict
+    from facedata.reader import InputError
+    from flows import curate
+
+    def too_late(*args):
+        raise AssertionError("the input should be checked first")
+
+    monkeypatch.setattr(curate, "check_models", too_late)
+    monkeypatch.setattr(curate, "start_api_server", too_late)
+    cfg = config_from_dict({"input": {"path": str(tmp_path / "nowhere.parquet")}})
+    with pytest.raises(InputError, match="nowhere.parquet: not found"):
+        curate.run_curation(cfg, tmp_path / "run")
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(InputError, match="empty.csv: file is empty"):
+        curate.run_curation(cfg.model_copy(update={"input": cfg.input.model_copy(
+            update={"path": str(tmp_path / "empty.csv")})}), tmp_path / "run")
+
+
 @pytest.mark.parametrize("kind", ["process", "dask"])
 def test_models_checked_in_a_short_lived_process(tmp_path, monkeypatch, kind):
     """Where the tasks run in worker processes, the models are checked in a child process, so the
@@ -243,6 +262,7 @@ def test_models_checked_in_a_short_lived_process(tmp_path, monkeypatch, kind):
 
     monkeypatch.setattr(face_models, "load_models", load_here)  # not in the spawned child
     absent = tmp_path / "absent"
+    pq.write_table(pa.table({"url": ["http://127.0.0.1:9/a.jpg"], "caption": ["a"]}), tmp_path / "urls.parquet")
     cfg = config_from_dict({"input": {"path": str(tmp_path / "urls.parquet")}, "runner": {"kind": kind},
                             "faces": {"model_dir": str(absent)}})
     with pytest.raises(ValueError, match="no such folder") as err:
