@@ -81,6 +81,15 @@ def web(web_root):
 
 
 @pytest.fixture(scope="session")
+def runner_reference(tmp_path_factory, web, web_root, cli_env) -> dict:
+    """A small corpus and its records after a run on the thread runner, run once per session: what
+    the Dask and Ray runners' runs are compared with (tests/test_dask_runner.py)."""
+    from tests.test_dask_runner import prepare_runner_reference
+
+    return prepare_runner_reference(tmp_path_factory.mktemp("runner_reference"), web, web_root, cli_env)
+
+
+@pytest.fixture(scope="session")
 def prefect_settings(tmp_path_factory):
     """Quiet Prefect settings, in a temporary home, for tests that use Prefect in this process.
     Prefect reads them when first imported: the first test to ask sets them for the session."""

@@ -89,42 +89,49 @@ def _final_records(run_dir: Path, n_samples: int) -> dict[str, tuple]:
             for r in table.select(["key", "status", "face_caption"]).to_pylist()}
 
 
-def run_with_thread_runner_and(kind: str, tmp_path: Path, web, web_root, cli_env: dict, worker_env: dict,
-                               timeout: float) -> tuple[Path, str, Counter]:
-    """Seven rows (five portraits, a 404, a cat photo) in three shards, run through the CLI with the
-    thread runner and with runner `kind` on two workers, whose environment gets `worker_env` (the
-    load counting); checks that both runs end with the same records and statuses. Returns the
-    `kind` run's folder, its terminal output and its "PID KIND" load-log counts."""
+def _run_cli(cfg: Path, run_dir: Path, runner: str, env: dict, timeout: float) -> str:
+    """`facedata run` of CFG into RUN_DIR with runner `runner` on two workers; its terminal output."""
+    proc = subprocess.run(
+        facedata_cmd("run", str(cfg), "--output", str(run_dir), "--no-progress",
+                     "--set", f"runner.kind={runner}", "--set", "runner.max_workers=2"),
+        env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def prepare_runner_reference(folder: Path, web, web_root, cli_env: dict) -> dict:
+    """The corpus the task-runner tests share: seven rows (five portraits, a 404, a cat photo) in
+    three shards, and the final records of its run on the thread runner, which the run on every
+    other runner must equal."""
     photos = sorted(p.name for p in web_root.glob("*_studio_portrait.jpg"))[:5]
     rows = [(web.url(name), f"photo {i}") for i, name in enumerate(photos)]
     rows += [(web.url("status/404"), "gone"), (web.url("chelsea.png"), "cat")]
-    corpus = write_corpus(tmp_path / "corpus.parquet", rows)
+    corpus = write_corpus(folder / "corpus.parquet", rows)
     # Three shards on two workers: one worker takes a second shard's face and caption tasks.
     # Face parsing left out: its model takes ~10 s to load, in each worker.
-    cfg = write_config(tmp_path / "run.yaml", corpus, shards={"samples_per_shard": 3},
+    cfg = write_config(folder / "run.yaml", corpus, shards={"samples_per_shard": 3},
                        attributes={"predictors": ["age_gender", "expression", "geometry"]},
                        output={"contact_sheet": False})
-    load_log = tmp_path / "loads.txt"
-    runs, output = {}, ""
-    for runner in ("thread", kind):
-        env = dict(cli_env)
-        if runner == kind:
-            env.update(worker_env, **{LOAD_LOG_ENV: str(load_log)})
-        runs[runner] = tmp_path / runner
-        proc = subprocess.run(
-            facedata_cmd("run", str(cfg), "--output", str(runs[runner]), "--no-progress",
-                         "--set", f"runner.kind={runner}", "--set", "runner.max_workers=2"),
-            env=env, capture_output=True, text=True, timeout=timeout,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        output = proc.stdout + proc.stderr
-
-    thread, other = (_final_records(runs[runner], len(rows)) for runner in ("thread", kind))
-    assert other == thread
-    statuses = Counter(status for status, *_ in other.values())
+    _run_cli(cfg, folder / "thread", "thread", cli_env, timeout=240)
+    thread = _final_records(folder / "thread", len(rows))
+    statuses = Counter(status for status, *_ in thread.values())
     assert statuses == {records.OK: len(photos), "http_404": 1, records.NO_FACE: 1}
-    assert len(list((runs[kind] / "shards").glob("*.tar"))) == 3
-    return runs[kind], output, Counter(tuple(line.split()) for line in load_log.read_text().splitlines())
+    return {"config": cfg, "n_samples": len(rows), "records": thread}
+
+
+def run_and_compare(kind: str, reference: dict, tmp_path: Path, cli_env: dict, worker_env: dict,
+                    timeout: float) -> tuple[Path, str, Counter]:
+    """Run the reference corpus with runner `kind` on two workers, whose environment gets
+    `worker_env` (the load counting); check that it ends with the thread runner's records and
+    statuses. Returns the run's folder, its terminal output and its "PID KIND" load-log counts."""
+    load_log = tmp_path / "loads.txt"
+    run_dir = tmp_path / kind
+    output = _run_cli(reference["config"], run_dir, kind, {**cli_env, **worker_env, LOAD_LOG_ENV: str(load_log)},
+                      timeout)
+    assert _final_records(run_dir, reference["n_samples"]) == reference["records"]
+    assert len(list((run_dir / "shards").glob("*.tar"))) == 3
+    return run_dir, output, Counter(tuple(line.split()) for line in load_log.read_text().splitlines())
 
 
 def check_models_loaded_once_per_worker(loads: Counter, workers: set[str]) -> None:
@@ -138,9 +145,9 @@ def check_models_loaded_once_per_worker(loads: Counter, workers: set[str]) -> No
 
 
 @pytest.mark.slow
-def test_dask_runner_matches_thread_runner(tmp_path, web, web_root, cli_env):
+def test_dask_runner_matches_thread_runner(tmp_path, runner_reference, cli_env):
     worker_env = {"DASK_DISTRIBUTED__WORKER__PRELOAD": "['tests.test_dask_runner']"}
-    _, output, loads = run_with_thread_runner_and("dask", tmp_path, web, web_root, cli_env, worker_env, timeout=240)
+    _, output, loads = run_and_compare("dask", runner_reference, tmp_path, cli_env, worker_env, timeout=240)
     # Worker start and stop chatter from distributed stays out of the user's terminal.
     assert "distributed.nanny" not in output and "distributed.scheduler" not in output
 

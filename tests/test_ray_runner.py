@@ -23,7 +23,7 @@ from tests.test_dask_runner import (
     _log_load,
     check_models_loaded_once_per_worker,
     dask_setup,
-    run_with_thread_runner_and,
+    run_and_compare,
 )
 from tests.test_flow import write_config, write_corpus
 
@@ -107,10 +107,10 @@ def test_unreachable_address_fails_at_once(prefect_settings):
 
 @needs_ray
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # two whole runs; a Ray instance starts in 10-20 s on a busy machine
-def test_ray_runner_matches_thread_runner(tmp_path, web, web_root, cli_env):
+@pytest.mark.timeout(900)  # a whole run, and the thread runner's when first; Ray starts in 10-20 s when busy
+def test_ray_runner_matches_thread_runner(tmp_path, runner_reference, cli_env):
     worker_env = {"RAY_RUNTIME_ENV_HOOK": "tests.test_ray_runner.add_load_counting"}
-    _, output, loads = run_with_thread_runner_and("ray", tmp_path, web, web_root, cli_env, worker_env, timeout=600)
+    _, output, loads = run_and_compare("ray", runner_reference, tmp_path, cli_env, worker_env, timeout=600)
     # The workers' per-shard INFO lines reach the terminal (their level is this process's), each
     # one (Ray would fold lines that differ only in numbers into one), without colour codes.
     assert output.count("caption shard 0000") == 3, output[-3000:]
