@@ -240,13 +240,11 @@ def test_missing_input_is_found_before_models_load_or_prefect_starts(tmp_path, m
 
     monkeypatch.setattr(curate, "check_models", too_late)
     monkeypatch.setattr(curate, "start_api_server", too_late)
-    cfg = config_from_dict({"input": {"path": str(tmp_path / "nowhere.parquet")}})
-    with pytest.raises(InputError, match="nowhere.parquet: not found"):
-        curate.run_curation(cfg, tmp_path / "run")
     (tmp_path / "empty.csv").write_text("")
-    with pytest.raises(InputError, match="empty.csv: file is empty"):
-        curate.run_curation(cfg.model_copy(update={"input": cfg.input.model_copy(
-            update={"path": str(tmp_path / "empty.csv")})}), tmp_path / "run")
+    for name, error in (("nowhere.parquet", "nowhere.parquet: not found"), ("empty.csv", "empty.csv: file is empty")):
+        cfg = config_from_dict({"input": {"path": str(tmp_path / name)}})
+        with pytest.raises(InputError, match=error):
+            curate.run_curation(cfg, tmp_path / "run")
 
 
 @pytest.mark.parametrize("kind", ["process", "dask"])
