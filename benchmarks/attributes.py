@@ -81,7 +81,7 @@ def prepare_run(n: int) -> tuple[Path, list[int]]:
         cfg = _config(run)
         plans = plan_shards(cfg.input, 100, run / "_plan")
         for plan in plans:
-            run_download_shard(plan, cfg, run / "shards", progress=False)
+            run_download_shard(plan, cfg, run, progress=False)
             run_face_shard(plan.shard_id, cfg, run, progress=False)
     shards = [p.shard_id for p in plans]
     done.write_text(json.dumps({"shards": shards}))

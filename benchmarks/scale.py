@@ -253,7 +253,7 @@ def _stages_alone(config_path: str, out_json: str) -> None:
 
     plans = timed("plan", plan_shards, cfg.input, cfg.shards.samples_per_shard, run_dir / "_plan")
     for plan in plans:
-        timed("download", run_download_shard, plan, cfg, run_dir / "shards", progress=False)
+        timed("download", run_download_shard, plan, cfg, run_dir, progress=False)
     for plan in plans:
         timed("faces", run_face_shard, plan.shard_id, cfg, run_dir, progress=False)
     timed("identity", run_identity_stage, cfg, run_dir, [p.shard_id for p in plans])

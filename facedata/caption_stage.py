@@ -17,7 +17,6 @@ captioned again; its images described before keep their descriptions and caption
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import time
@@ -36,14 +35,14 @@ from facedata.attributes.base import AttributePredictor, FaceInput, Prediction
 from facedata.attributes.vocabulary import ATTRIBUTES
 from facedata.captions import caption_stats, compose_caption, load_rewriter, rewrite_caption
 from facedata.config import AttributeConfig, Config
-from facedata.face_stage import _tar_images, face_dir
-from facedata.identity_stage import identity_dir
+from facedata.face_stage import _tar_images
+from facedata.fingerprints import Fingerprint, reusable, step_fingerprints
 from facedata.imaging import decode_rgb
-from facedata.shards import atomic_path, file_sha256, is_done, read_stats, shard_name, stats_path, write_json
+from facedata.run_layout import RunLayout
+from facedata.shards import atomic_path, file_sha256, shard_name, write_json
 
 log = logging.getLogger(__name__)
 
-CAPTION_DIR = "captions"
 # Images are decoded at a reduced JPEG scale while the smallest described face keeps at least this
 # many pixels on its shorter side: the largest model input (face parsing) needs no more.
 DECODE_MIN_FACE_SIDE = 256
@@ -66,12 +65,7 @@ CAPTION_COLUMNS = {
 
 
 def caption_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / CAPTION_DIR
-
-
-def source_dir(cfg: Config, run_dir: Path) -> Path:
-    """Where this stage reads its records: the identity stage's output when it runs."""
-    return identity_dir(run_dir) if cfg.identity.enabled else face_dir(run_dir)
+    return RunLayout(run_dir).step_dir("captions")
 
 
 @dataclass
@@ -179,11 +173,10 @@ def description_settings(cfg: Config) -> dict:
     }
 
 
-def _previous_descriptions(path: Path, stats: dict, settings: dict) -> dict[str, dict]:
+def _previous_descriptions(path: Path) -> dict[str, dict]:
     """key -> the face_attributes, face_caption and caption_rewritten of the images an earlier
-    captioning of this shard described, when it ran under the same settings (else none)."""
-    settings = json.loads(json.dumps(settings))  # as stats.json holds them
-    if any(stats.get(k) != v for k, v in settings.items()) or not path.exists():
+    captioning of this shard (under the same fingerprint) described."""
+    if not path.exists():
         return {}
     table = pq.read_table(path, columns=["key", "face_attributes", "face_caption", "caption_rewritten"])
     return {row["key"]: row for row in table.to_pylist() if row["face_attributes"]}
@@ -200,25 +193,28 @@ def _face_attributes(face_ids: list[int], attributes: list[dict[str, Prediction]
     ]
 
 
-def run_caption_shard(shard_id: int, cfg: Config, run_dir: Path, progress: bool = True) -> dict:
-    """Describe and caption the kept faces of one shard, unless already done; returns its stats."""
-    run_dir = Path(run_dir)
-    src, dst = source_dir(cfg, run_dir), caption_dir(run_dir)
+def run_caption_shard(shard_id: int, cfg: Config, run_dir: Path, progress: bool = True,
+                      fingerprint: Fingerprint | None = None) -> dict:
+    """Describe and caption the kept faces of one shard, unless already done under the same
+    settings and models (`fingerprint`, by default the config's) and records; returns its stats."""
+    layout = RunLayout(run_dir)
+    run_dir = layout.root
+    dst = layout.step_dir("captions")
     name = shard_name(shard_id)
-    source = src / f"{name}.parquet"
+    source = layout.records_file("identity" if cfg.identity.enabled else "faces", shard_id)
     if not source.exists():
         raise RuntimeError(f"{source} is missing: run the stages before captions first")
     source_digest = file_sha256(source)
+    fingerprint = fingerprint or step_fingerprints(cfg)["captions"]
     previous: dict[str, dict] = {}
-    if is_done(dst, shard_id):
-        stats = read_stats(dst, shard_id)
-        # Stats without a digest come from before digests were recorded: trusted, as they were then.
-        if stats.get("source_digest", source_digest) == source_digest:
+    stats = reusable(layout.stats_file("captions", shard_id), fingerprint, f"caption shard {name}")
+    if stats is not None:
+        if stats.get("source_digest") == source_digest:
             log.info("caption shard %s already done, skipped", name)
             return stats
         # The identity stage was redone over a grown input, so some images' statuses changed: the
         # shard is captioned again, and its images described before are not described twice.
-        previous = _previous_descriptions(dst / f"{name}.parquet", stats, description_settings(cfg))
+        previous = _previous_descriptions(layout.records_file("captions", shard_id))
         log.info("caption shard %s: its records changed since it was captioned; captioned again (%d images "
                  "described before)", name, len(previous))
     dst.mkdir(parents=True, exist_ok=True)
@@ -288,7 +284,7 @@ def run_caption_shard(shard_id: int, cfg: Config, run_dir: Path, progress: bool 
     decode_start = time.perf_counter()
     with tqdm(total=len(wanted), desc=f"captions {name}", unit="img", disable=not progress, leave=False) as bar:
         n_pending_faces = 0
-        for key, data in _tar_images(run_dir / "shards" / f"{name}.tar", wanted):
+        for key, data in _tar_images(layout.images_tar(shard_id), wanted):
             row_index = kept[key]
             row = rows[row_index]
             face_ids = described_faces(row["faces"], row["primary_face"], acfg.max_faces)
@@ -305,10 +301,10 @@ def run_caption_shard(shard_id: int, cfg: Config, run_dir: Path, progress: bool 
             flush()
     missing = [key for key, i in kept.items() if columns["face_attributes"][i] is None]
     if missing:
-        raise RuntimeError(f"{run_dir / 'shards' / name}.tar lacks {len(missing)} kept images, e.g. {missing[0]}")
+        raise RuntimeError(f"{layout.images_tar(shard_id)} lacks {len(missing)} kept images, e.g. {missing[0]}")
     if cfg.relevance.checkpoint:
         start = time.perf_counter()
-        score_relevance(cfg, run_dir / "shards" / f"{name}.tar", rows, columns, statuses, kept)
+        score_relevance(cfg, layout.images_tar(shard_id), rows, columns, statuses, kept)
         seconds["relevance"] += time.perf_counter() - start
     total_seconds = time.perf_counter() - decode_start
 
@@ -331,6 +327,7 @@ def run_caption_shard(shard_id: int, cfg: Config, run_dir: Path, progress: bool 
         "attribute_counts": dict(sorted(attribute_counts.items())),
         **description_settings(cfg),
         "source_digest": source_digest,  # the records captioned: a redone identity stage changes it
+        "fingerprint": fingerprint.as_dict(),
         "seconds": round(total_seconds, 3),
         "seconds_by_step": {k: round(v, 3) for k, v in sorted(seconds.items())},
         "faces_per_second": round(n_faces_new / total_seconds, 2) if total_seconds and n_faces_new else None,
@@ -338,7 +335,7 @@ def run_caption_shard(shard_id: int, cfg: Config, run_dir: Path, progress: bool 
         "started_at": started,
         "finished_at": time.time(),
     }
-    write_json(stats_path(dst, shard_id), stats)
+    write_json(layout.stats_file("captions", shard_id), stats)
     log.info("caption shard %s: %d images, %d faces described, %d captions", name, len(kept),
              n_faces_described, len(captions))
     return stats

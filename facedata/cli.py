@@ -28,6 +28,10 @@ def _add_run(sub) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a config value, e.g. --set download.timeout=5 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print per step what a run would reuse and redo (settings, models, input), run nothing")
+    p.add_argument("--no-prefect", action="store_true",
+                   help="run the steps in this process, one shard after another, without Prefect")
 
 
 def _add_demo(sub) -> None:
@@ -112,9 +116,20 @@ def cmd_run(args) -> int:
     cfg = load_config(args.config, args.overrides)
     run_dir = args.output or Path(cfg.output.dir)
     from facedata.summary import format_summary
-    from flows.curate import run_curation
 
-    summary = run_curation(cfg, run_dir, progress=not args.no_progress)
+    if args.dry_run:
+        from facedata.pipeline import dry_run
+
+        print("\n".join(dry_run(cfg, run_dir)))
+        return 0
+    if args.no_prefect:
+        from facedata.pipeline import curate
+
+        summary = curate(cfg, run_dir, progress=not args.no_progress)
+    else:
+        from flows.curate import run_curation
+
+        summary = run_curation(cfg, run_dir, progress=not args.no_progress)
     print(format_summary(summary))
     print(f"run directory: {run_dir}")
     return 0

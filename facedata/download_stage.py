@@ -19,7 +19,9 @@ from facedata.config import Config
 from facedata.downloader import Downloader
 from facedata.imaging import process_image
 from facedata.reader import ShardPlan
-from facedata.shards import ShardWriter, is_done, read_stats
+from facedata.fingerprints import Fingerprint, reusable, step_fingerprints
+from facedata.run_layout import RunLayout
+from facedata.shards import ShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +81,17 @@ def process_sample(sample: dict, downloader: Downloader, cfg: Config) -> tuple[d
     return result, image.data
 
 
-def run_download_shard(plan: ShardPlan, cfg: Config, shard_dir: Path, progress: bool = True) -> dict:
-    """Process one planned shard, unless it is already done; returns the shard's stats."""
-    shard_dir = Path(shard_dir)
-    if is_done(shard_dir, plan.shard_id):
+def run_download_shard(plan: ShardPlan, cfg: Config, run_dir: Path, progress: bool = True,
+                       fingerprint: Fingerprint | None = None) -> dict:
+    """Process one planned shard, unless it is already done under the same settings (`fingerprint`,
+    by default the config's); returns the shard's stats."""
+    layout = RunLayout(run_dir)
+    shard_dir = layout.step_dir("download")
+    fingerprint = fingerprint or step_fingerprints(cfg, models={})["download"]
+    done = reusable(layout.stats_file("download", plan.shard_id), fingerprint, f"shard {plan.shard_id:05d}")
+    if done is not None:
         log.info("shard %05d already done, skipped", plan.shard_id)
-        return read_stats(shard_dir, plan.shard_id)
+        return done
     samples = pq.read_table(plan.path).to_pylist()
     writer = ShardWriter(shard_dir, plan.shard_id)
     started = time.perf_counter()
@@ -112,7 +119,7 @@ def run_download_shard(plan: ShardPlan, cfg: Config, shard_dir: Path, progress: 
         writer.abort()
         raise
     seconds = time.perf_counter() - started
-    stats = writer.close({"process_seconds": round(seconds, 3)})
+    stats = writer.close({"process_seconds": round(seconds, 3), "fingerprint": fingerprint.as_dict()})
     log.info(
         "shard %05d: %d/%d ok in %.1f s (%s)",
         plan.shard_id, stats["n_ok"], stats["n_samples"], seconds,

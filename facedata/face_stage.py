@@ -67,19 +67,19 @@ from facedata.face_models import (
     primary_index,
     sharpness,
 )
+from facedata.fingerprints import Fingerprint, reusable, step_fingerprints
 from facedata.imaging import ImageError, decode_rgb
+from facedata.run_layout import RunLayout
 from facedata.shards import (
     atomic_path,
     atomic_write_bytes,
     is_done,
-    read_stats,
     shard_name,
     write_json,
 )
 
 log = logging.getLogger(__name__)
 
-FACES_DIR = "faces"
 # Faces the detection decode shows at least this big are cropped from it for embedding: the crop
 # (112 px) is then upsampled by at most 1.25x. On the openpeople full-length shots (~100 px there)
 # a finer decode moved embeddings no more than resampling does, and costs a full decode each.
@@ -110,7 +110,7 @@ FACE_COLUMNS = {
 
 
 def face_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / FACES_DIR
+    return RunLayout(run_dir).step_dir("faces")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,15 +383,19 @@ def _analyze_shard(
     return found
 
 
-def run_face_shard(shard_id: int, cfg: Config, run_dir: Path, progress: bool = True) -> dict:
-    """Find, embed and filter the faces of one finished download shard, unless already done;
-    returns the face shard's stats."""
-    run_dir = Path(run_dir)
-    src, dst = run_dir / "shards", face_dir(run_dir)
+def run_face_shard(shard_id: int, cfg: Config, run_dir: Path, progress: bool = True,
+                   fingerprint: Fingerprint | None = None) -> dict:
+    """Find, embed and filter the faces of one finished download shard, unless already done under
+    the same settings and models (`fingerprint`, by default the config's); returns its stats."""
+    layout = RunLayout(run_dir)
+    run_dir = layout.root
+    src, dst = layout.step_dir("download"), layout.step_dir("faces")
     name = shard_name(shard_id)
-    if is_done(dst, shard_id):
+    fingerprint = fingerprint or step_fingerprints(cfg)["faces"]
+    done = reusable(layout.stats_file("faces", shard_id), fingerprint, f"face shard {name}")
+    if done is not None:
         log.info("face shard %s already done, skipped", name)
-        return read_stats(dst, shard_id)
+        return done
     if not is_done(src, shard_id):
         raise RuntimeError(f"download shard {name} is not finished; its face stage cannot run")
     dst.mkdir(parents=True, exist_ok=True)
@@ -471,8 +475,9 @@ def run_face_shard(shard_id: int, cfg: Config, run_dir: Path, progress: bool = T
         "finished_at": finished,
         "seconds": round(finished - started, 3),
         "images_per_second": round(len(wanted) / max(finished - started, 1e-9), 2),
+        "fingerprint": fingerprint.as_dict(),
     }
-    write_json(dst / f"{name}.stats.json", stats)
+    write_json(layout.stats_file("faces", shard_id), stats)
     log.info(
         "face shard %s: %d of %d images with usable faces, %d faces, %.1f images/s",
         name, stats["face_status_counts"].get(records.OK, 0), len(wanted), stats["n_faces"], stats["images_per_second"],

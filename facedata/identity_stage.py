@@ -23,7 +23,6 @@ new shards does it again over all of them). Same input and config give the same 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import tarfile
@@ -48,23 +47,24 @@ from facedata.config import Config, FaceConfig, IdentityConfig
 from facedata.contact_sheet import make_contact_sheet
 from facedata.errors import UserError
 from facedata.face_stage import face_dir
+from facedata.fingerprints import Fingerprint, reusable, step_fingerprints
 from facedata.knn import build_knn
+from facedata.run_layout import RunLayout
 from facedata.shards import atomic_path, shard_name, write_json
 
 log = logging.getLogger(__name__)
 
-IDENTITY_DIR = "identity"
 DONE_FILE = "identity.json"
 SPLITS = ("train", "validation", "test")
 _GALLERY_PER_ROW = 8
 
 
 def identity_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / IDENTITY_DIR
+    return RunLayout(run_dir).step_dir("identity")
 
 
 def is_identity_done(run_dir: Path) -> bool:
-    return (identity_dir(run_dir) / DONE_FILE).exists()
+    return RunLayout(run_dir).identity_report.exists()
 
 
 @dataclass
@@ -261,7 +261,7 @@ def _face_crops(run_dir: Path, idx: FaceIndex, faces: np.ndarray) -> dict[int, b
         wanted = {f"{keys[idx.row[f]]}.{exts[idx.row[f]]}": [] for f in mine}
         for f in mine:
             wanted[f"{keys[idx.row[f]]}.{exts[idx.row[f]]}"].append(int(f))
-        with tarfile.open(Path(run_dir) / "shards" / f"{shard_name(int(shard_id))}.tar") as tar:
+        with tarfile.open(RunLayout(run_dir).images_tar(int(shard_id))) as tar:
             for member in tar:
                 if member.name not in wanted:
                     continue
@@ -309,12 +309,16 @@ def _blank_jpeg() -> bytes:
     return buf.getvalue()
 
 
-def run_identity_stage(cfg: Config, run_dir: Path, shard_ids: list[int]) -> dict:
-    """Cluster, clean and split the run's faces; returns the stage's report (also identity.json)."""
-    run_dir = Path(run_dir)
-    out_dir = identity_dir(run_dir)
-    if is_identity_done(run_dir):
-        report = json.loads((out_dir / DONE_FILE).read_text())
+def run_identity_stage(cfg: Config, run_dir: Path, shard_ids: list[int], fingerprint: Fingerprint | None = None) -> dict:
+    """Cluster, clean and split the run's faces, unless already done over these shards under the
+    same settings (`fingerprint`, by default the config's); returns the stage's report (also
+    identity.json)."""
+    layout = RunLayout(run_dir)
+    run_dir = layout.root
+    out_dir = layout.step_dir("identity")
+    fingerprint = fingerprint or step_fingerprints(cfg)["identity"]
+    report = reusable(layout.identity_report, fingerprint, "identity stage")
+    if report is not None:
         if report.get("shard_ids") == shard_ids:
             log.info("identity stage already done, skipped")
             return report
@@ -390,6 +394,7 @@ def run_identity_stage(cfg: Config, run_dir: Path, shard_ids: list[int]) -> dict
         "cluster_seconds": round(t_cluster, 3),
         "config": icfg.model_dump(mode="json"),
         "shard_ids": shard_ids,
+        "fingerprint": fingerprint.as_dict(),
     }
     status_counts, identity_counts, split_counts, truth = _write_shards(
         run_dir, shard_ids, idx, face_image, images, image_drop, labels, size, centre_sim, outlier,
@@ -405,7 +410,7 @@ def run_identity_stage(cfg: Config, run_dir: Path, shard_ids: list[int]) -> dict
         gallery=str(gallery) if gallery else None,
         seconds=round(time.perf_counter() - started, 3),
     )
-    write_json(out_dir / DONE_FILE, report)
+    write_json(layout.identity_report, report)
     log.info("identity: %d identities, %s", report["n_identities"],
              ", ".join(f"{k}={v}" for k, v in identity_counts.items()))
     return report

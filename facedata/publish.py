@@ -53,6 +53,8 @@ from tqdm import tqdm
 from facedata import records
 from facedata.attributes.vocabulary import ATTRIBUTES
 from facedata.errors import UserError
+from facedata.fingerprints import check_current
+from facedata.run_layout import RunLayout
 from facedata.shards import file_sha256, shard_name
 
 log = logging.getLogger(__name__)
@@ -154,6 +156,8 @@ def find_shards(run_dir: Path, skip_partial: bool = False) -> RunShards:
     ids = _shard_ids(run_dir)
     if not ids:
         raise UserError(f"{run_dir / 'shards'}: no shards in this run")
+    # The card states the run's config: refuse outputs that another config made.
+    check_current(RunLayout(run_dir), allow_missing=skip_partial)
     found = RunShards(run_dir, [])
     for shard_id in ids:
         name = shard_name(shard_id)

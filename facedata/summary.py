@@ -11,11 +11,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from facedata import records
-from facedata.caption_stage import caption_dir
 from facedata.captions import caption_stats
 from facedata.contact_sheet import Box, make_contact_sheet
-from facedata.face_stage import face_dir
-from facedata.identity_stage import DONE_FILE, identity_dir, is_identity_done
+from facedata.run_layout import RunLayout
 from facedata.shards import write_json
 
 
@@ -34,9 +32,9 @@ def summarize_run(run_dir: Path, faces: bool) -> dict:
     Top-level `n_ok` and `status_counts` are the run's final result: a shard counts with its face
     stage's records once that is done, with its download's records until then.
     """
-    run_dir = Path(run_dir)
-    downloads = {i: json.loads(p.read_text()) for i, p in _stats_files(run_dir / "shards").items()}
-    face_stats = {i: json.loads(p.read_text()) for i, p in _stats_files(face_dir(run_dir)).items()} if faces else {}
+    layout = RunLayout(run_dir)
+    downloads = {i: json.loads(p.read_text()) for i, p in _stats_files(layout.step_dir("download")).items()}
+    face_stats = {i: json.loads(p.read_text()) for i, p in _stats_files(layout.step_dir("faces")).items()} if faces else {}
     face_stats = {i: s for i, s in face_stats.items() if i in downloads}
 
     download_counts: Counter = Counter()
@@ -83,8 +81,8 @@ def summarize_run(run_dir: Path, faces: bool) -> dict:
             first = next(iter(face_stats.values()))
             summary["models"] = first["models"]
             summary["embedding_dim"] = first["embedding_dim"]
-    if faces and is_identity_done(run_dir):
-        identity = json.loads((identity_dir(run_dir) / DONE_FILE).read_text())
+    if faces and layout.identity_report.exists():
+        identity = json.loads(layout.identity_report.read_text())
         counts = Counter(identity["identity_status_counts"])
         funnel.append({
             "stage": "identity",
@@ -99,7 +97,7 @@ def summarize_run(run_dir: Path, faces: bool) -> dict:
         summary["identity_gallery"] = identity["gallery"]
         if "metrics" in identity:
             summary["identity_metrics"] = identity["metrics"]
-    caption_stats_files = {i: p for i, p in _stats_files(caption_dir(run_dir)).items() if i in downloads} if faces else {}
+    caption_stats_files = {i: p for i, p in _stats_files(layout.step_dir("captions")).items() if i in downloads} if faces else {}
     if caption_stats_files:
         _add_captions(summary, funnel, run_dir, caption_stats_files, len(downloads))
     summary["funnel"] = funnel
@@ -121,7 +119,8 @@ def _add_captions(summary: dict, funnel: list[dict], run_dir: Path, stats_files:
     captions: list[str] = []
     labels: list[int] = []
     for shard_id in stats_files:
-        table = pq.read_table(caption_dir(run_dir) / f"{shard_id:05d}.parquet", columns=["face_caption", "n_valid_labels"])
+        table = pq.read_table(RunLayout(run_dir).records_file("captions", shard_id),
+                              columns=["face_caption", "n_valid_labels"])
         for caption, n in zip(*(table.column(c).to_pylist() for c in ("face_caption", "n_valid_labels"))):
             if caption is not None:
                 captions.append(caption)
@@ -235,23 +234,22 @@ def iter_kept_samples(
     come from the latest stage's records. Once a shard is captioned, the caption is the face
     caption and the chips are its primary face's attributes; before that, the web caption and none.
     """
-    run_dir = Path(run_dir)
+    layout = RunLayout(run_dir)
     produced = 0
-    for shard_id in _stats_files(run_dir / "shards"):
-        name = f"{shard_id:05d}"
+    for shard_id in _stats_files(layout.step_dir("download")):
         columns = ["key", "status", "caption", "ext"]
         if not faces:
-            records_dir = run_dir / "shards"
-        elif (caption_dir(run_dir) / f"{name}.stats.json").exists():
-            records_dir = caption_dir(run_dir)
+            step = "download"
+        elif layout.stats_file("captions", shard_id).exists():
+            step = "captions"
             columns += ["width", "height", "faces", "face_caption", "face_attributes"]
         else:
-            records_dir = identity_dir(run_dir) if is_identity_done(run_dir) else face_dir(run_dir)
+            step = "identity" if layout.identity_report.exists() else "faces"
             columns += ["width", "height", "faces"]
-        table = pq.read_table(records_dir / f"{name}.parquet", columns=columns)
+        table = pq.read_table(layout.records_file(step, shard_id), columns=columns)
         kept = {row["key"]: row for row in table.to_pylist() if row["status"] == records.OK}
         images: dict[str, bytes] = {}
-        with tarfile.open(run_dir / "shards" / f"{name}.tar") as tar:
+        with tarfile.open(layout.images_tar(shard_id)) as tar:
             for member in tar:
                 key, _, ext = member.name.partition(".")
                 if key in kept and ext == kept[key]["ext"]:

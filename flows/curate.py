@@ -20,7 +20,6 @@ import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import yaml
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
@@ -28,10 +27,12 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 
 from facedata.config import Config, RunnerConfig
 from facedata.errors import UserError
+from facedata.fingerprints import Fingerprint, model_infos, step_fingerprints
+from facedata.pipeline import begin_run
 from facedata.prefect_env import start_api_server
 from facedata.reader import ShardPlan, check_input, plan_shards
 from facedata.run_artifacts import RunProgress, publish_run_artifacts
-from facedata.shards import atomic_write_bytes
+from facedata.run_layout import RunLayout
 
 log = logging.getLogger("facedata.flow")
 
@@ -42,38 +43,39 @@ class RunIncomplete(UserError):
 
 @task(name="plan-shards", cache_policy=NO_CACHE)
 def plan_shards_task(cfg: Config, run_dir: str) -> list[ShardPlan]:
-    plans = plan_shards(cfg.input, cfg.shards.samples_per_shard, Path(run_dir) / "_plan")
+    plans = plan_shards(cfg.input, cfg.shards.samples_per_shard, RunLayout(run_dir).plan_dir)
     log.info("%d samples planned in %d shards", sum(p.n_samples for p in plans), len(plans))
     return plans
 
 
 @task(name="download-shard", cache_policy=NO_CACHE, task_run_name="download-shard-{plan.shard_id:05d}")
-def download_shard_task(plan: ShardPlan, cfg: Config, run_dir: str, progress: bool) -> dict:
+def download_shard_task(plan: ShardPlan, cfg: Config, run_dir: str, progress: bool, fingerprint: Fingerprint) -> dict:
     from facedata.download_stage import run_download_shard
 
-    return run_download_shard(plan, cfg, Path(run_dir) / "shards", progress=progress)
+    return run_download_shard(plan, cfg, Path(run_dir), progress=progress, fingerprint=fingerprint)
 
 
 @task(name="face-shard", cache_policy=NO_CACHE, task_run_name="face-shard-{plan.shard_id:05d}")
-def face_shard_task(plan: ShardPlan, downloaded: dict, cfg: Config, run_dir: str, progress: bool) -> dict:
+def face_shard_task(plan: ShardPlan, downloaded: dict, cfg: Config, run_dir: str, progress: bool,
+                    fingerprint: Fingerprint) -> dict:
     # `downloaded` (the download task's stats) is taken only so Prefect runs this task after it.
     from facedata.face_stage import run_face_shard
 
-    return run_face_shard(plan.shard_id, cfg, Path(run_dir), progress=progress)
+    return run_face_shard(plan.shard_id, cfg, Path(run_dir), progress=progress, fingerprint=fingerprint)
 
 
 @task(name="identity", cache_policy=NO_CACHE)
-def identity_task(cfg: Config, run_dir: str, shard_ids: list[int]) -> dict:
+def identity_task(cfg: Config, run_dir: str, shard_ids: list[int], fingerprint: Fingerprint) -> dict:
     from facedata.identity_stage import run_identity_stage
 
-    return run_identity_stage(cfg, Path(run_dir), shard_ids)
+    return run_identity_stage(cfg, Path(run_dir), shard_ids, fingerprint=fingerprint)
 
 
 @task(name="caption-shard", cache_policy=NO_CACHE, task_run_name="caption-shard-{shard_id:05d}")
-def caption_shard_task(shard_id: int, cfg: Config, run_dir: str, progress: bool) -> dict:
+def caption_shard_task(shard_id: int, cfg: Config, run_dir: str, progress: bool, fingerprint: Fingerprint) -> dict:
     from facedata.caption_stage import run_caption_shard
 
-    return run_caption_shard(shard_id, cfg, Path(run_dir), progress=progress)
+    return run_caption_shard(shard_id, cfg, Path(run_dir), progress=progress, fingerprint=fingerprint)
 
 
 @task(name="report", cache_policy=NO_CACHE)
@@ -87,18 +89,13 @@ def report_task(cfg: Config, run_dir: str, stage_seconds: dict) -> dict:
 
 @task(name="publish", cache_policy=NO_CACHE)
 def publish_task(cfg: Config, run_dir: str, progress: bool) -> dict:
-    from facedata.publish import holds_publish_of, publish
+    from facedata.pipeline import publish
 
-    options = cfg.publish
-    # A scheduled run whose input grew publishes the new version over its own earlier publish.
-    overwrite = options.overwrite or holds_publish_of(Path(options.to), Path(run_dir))
-    return publish(Path(run_dir), options.to, private=options.private, overwrite=overwrite,
-                   crops=options.crops, embeddings=options.embeddings,
-                   samples_per_shard=options.samples_per_shard, progress=progress)
+    return publish(run_dir, cfg, progress)
 
 
 def _submit_shards(
-    plans: list[ShardPlan], cfg: Config, run_dir: str, progress: bool
+    plans: list[ShardPlan], cfg: Config, run_dir: str, progress: bool, fingerprints: dict[str, Fingerprint]
 ) -> list[tuple[str, ShardPlan, PrefectFuture]]:
     """Queue every shard's tasks; returns (stage, plan, future) for each.
 
@@ -113,11 +110,12 @@ def _submit_shards(
     downloads: list[PrefectFuture] = []
 
     def queue_faces(i: int) -> None:
-        submitted.append(("faces", plans[i], faces.submit(plans[i], downloads[i], cfg, run_dir, progress)))
+        submitted.append(("faces", plans[i], faces.submit(plans[i], downloads[i], cfg, run_dir, progress,
+                                                          fingerprints["faces"])))
 
     lag = cfg.runner.max_workers
     for i, plan in enumerate(plans):
-        downloads.append(download.submit(plan, cfg, run_dir, progress))
+        downloads.append(download.submit(plan, cfg, run_dir, progress, fingerprints["download"]))
         submitted.append(("download", plan, downloads[i]))
         if cfg.faces.enabled and i >= lag:
             queue_faces(i - lag)
@@ -128,27 +126,31 @@ def _submit_shards(
 
 
 @flow(name="curate")
-def curate(config: dict, run_dir: str, progress: bool = True) -> dict:
+def curate(config: dict, run_dir: str, progress: bool = True, models: dict | None = None) -> dict:
+    """`models`: the run's model infos (checked_model_infos) when the caller has them already."""
     if not logging.getLogger("facedata").level:
         # A run started by `facedata serve` is a fresh process where only Prefect's root level
         # (WARNING) applies: keep our per-shard INFO lines in the run's logs.
         logging.getLogger("facedata").setLevel(logging.INFO)
     cfg = Config.model_validate(config)
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(Path(run_dir) / "config.yaml", yaml.safe_dump(config, sort_keys=False).encode())
+    layout = RunLayout(run_dir)
+    fingerprints = step_fingerprints(cfg, models if models is not None else checked_model_infos(cfg))
     plans = plan_shards_task(cfg, run_dir)
+    shard_ids = [plan.shard_id for plan in plans]
+    begin_run(layout, config, fingerprints, shard_ids)
     tracker = RunProgress(run_dir)
     tracker.open("download", len(plans))
     if cfg.faces.enabled:
         tracker.open("faces", len(plans))
-    failed = tracker.wait(_submit_shards(plans, cfg, run_dir, progress))
+    failed = tracker.wait(_submit_shards(plans, cfg, run_dir, progress, fingerprints))
     if cfg.faces.enabled and cfg.identity.enabled and not failed:
-        identity_task(cfg, run_dir, [plan.shard_id for plan in plans])
+        identity_task(cfg, run_dir, shard_ids, fingerprints["identity"])
     if cfg.faces.enabled and cfg.attributes.enabled and not failed:
         captions = caption_shard_task.with_options(retries=cfg.runner.task_retries)
         tracker.open("captions", len(plans))
         failed += tracker.wait(
-            [("captions", plan, captions.submit(plan.shard_id, cfg, run_dir, progress)) for plan in plans]
+            [("captions", plan, captions.submit(plan.shard_id, cfg, run_dir, progress, fingerprints["captions"]))
+             for plan in plans]
         )
     try:
         summary = report_task(cfg, run_dir, tracker.stage_seconds())
@@ -196,36 +198,24 @@ def task_runner(cfg: RunnerConfig) -> TaskRunner:
     return ThreadPoolTaskRunner(max_workers=cfg.max_workers)
 
 
-def check_models(cfg: Config) -> None:
-    """Load every model the run uses: a missing or unreadable file is then one line for the
-    user before the flow starts, not a crashed flow run and a failed task per shard."""
-    if not cfg.faces.enabled:
-        return
-    from facedata.face_models import load_analyzer
-
-    load_analyzer(cfg.faces)
-    if cfg.attributes.enabled:
-        from facedata.attributes import load_predictors
-
-        load_predictors(cfg.attributes, cfg.faces)
-    if cfg.relevance.checkpoint:
-        from facedata.flip.embed import load_checkpoint
-
-        load_checkpoint(cfg.relevance.checkpoint)
+def checked_model_infos(cfg: Config) -> dict:
+    """Load every model the run uses and return their infos (for the steps' fingerprints): a missing
+    or unreadable file is then one line for the user before the flow starts, not a crashed flow run
+    and a failed task per shard."""
+    if cfg.runner.kind == "thread" or not cfg.faces.enabled:
+        return model_infos(cfg)  # the tasks run in this process and reuse the loaded (cached) models
+    # The tasks load their own models in their worker processes; loading them here too would
+    # hold ~1 GB in this process for the whole run, so a short-lived process checks them.
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(model_infos, cfg).result()
 
 
 def run_curation(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
     """Check the input and the models, then run the flow with the task runner the config asks for."""
     check_input(cfg.input)
-    if cfg.runner.kind == "thread":
-        check_models(cfg)  # the tasks run in this process and reuse the loaded (cached) models
-    elif cfg.faces.enabled:
-        # The tasks load their own models in their worker processes; loading them here too would
-        # hold ~1 GB in this process for the whole run, so a short-lived process checks them.
-        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            pool.submit(check_models, cfg).result()
+    models = checked_model_infos(cfg)
     start_api_server()
-    return curation_flow(cfg)(cfg.model_dump(mode="json"), str(run_dir), progress)
+    return curation_flow(cfg)(cfg.model_dump(mode="json"), str(run_dir), progress, models)
 
 
 def curation_flow(cfg: Config):

@@ -46,7 +46,7 @@ def download_and_find_faces(web_root: Path, run: Path, rows: list[dict], make_co
         cfg = make_config(run / "corpus.parquet")
         plans = plan_shards(cfg.input, samples_per_shard, run / "_plan")
         for plan in plans:
-            run_download_shard(plan, cfg, run / "shards", progress=False)
+            run_download_shard(plan, cfg, run, progress=False)
             run_face_shard(plan.shard_id, cfg, run, progress=False)
     return [p.shard_id for p in plans]
 

@@ -87,7 +87,7 @@ def downloaded(corpus, tmp_path_factory):
     run = tmp_path_factory.mktemp("downloaded")
     cfg = config_from_dict({**BASE, "input": {"path": str(corpus), "format": "folder"}})
     (plan,) = plan_shards(cfg.input, cfg.shards.samples_per_shard, run / "_plan")
-    run_download_shard(plan, cfg, run / "shards", progress=False)
+    run_download_shard(plan, cfg, run, progress=False)
     return run
 
 

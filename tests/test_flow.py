@@ -238,7 +238,7 @@ def test_missing_input_is_found_before_models_load_or_prefect_starts(tmp_path, m
     def too_late(*args):
         raise AssertionError("the input should be checked first")
 
-    monkeypatch.setattr(curate, "check_models", too_late)
+    monkeypatch.setattr(curate, "checked_model_infos", too_late)
     monkeypatch.setattr(curate, "start_api_server", too_late)
     (tmp_path / "empty.csv").write_text("")
     for name, error in (("nowhere.parquet", "nowhere.parquet: not found"), ("empty.csv", "empty.csv: file is empty")):

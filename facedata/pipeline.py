@@ -1,0 +1,103 @@
+"""The curation pipeline in this process, without Prefect: the Python API and `facedata run --no-prefect`.
+
+The same steps as the Prefect flow (flows/curate.py), one shard after another: plan, download and
+faces per shard, identity over all of them, captions per shard, report, and publish when
+`publish.to` is set. Both start a run with `begin_run`, so both rerun exactly what changed.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import yaml
+
+from facedata.config import Config, config_from_dict, load_config
+from facedata.fingerprints import Fingerprint, StepPlan, model_infos, plan_run, step_fingerprints, write_fingerprints
+from facedata.reader import check_input, load_plan, plan_shards
+from facedata.run_layout import RunLayout
+from facedata.shards import atomic_write_bytes
+
+log = logging.getLogger("facedata.pipeline")
+
+
+def begin_run(layout: RunLayout, config: dict, fingerprints: dict[str, Fingerprint], shard_ids: list[int]) -> list[StepPlan]:
+    """Say per step what the run reuses and what it redoes, then record the config and fingerprints
+    the run is made under, before any output is: from then on a step output with another fingerprint
+    is stale (a report or publish refuses the run until it is redone)."""
+    step_plans = plan_run(layout, fingerprints, shard_ids)
+    for step_plan in step_plans:
+        log.info("%s", step_plan.line())
+    layout.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(layout.config_file, yaml.safe_dump(config, sort_keys=False).encode())
+    write_fingerprints(layout, fingerprints, shard_ids)
+    return step_plans
+
+
+def _config(config: Config | dict | str | Path) -> Config:
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, dict):
+        return config_from_dict(config)
+    return load_config(config)
+
+
+def dry_run(config: Config | dict | str | Path, output: str | Path) -> list[str]:
+    """One line per step: what a run into `output` would reuse and redo. Nothing is written; the
+    models are loaded (their versions are part of the fingerprints)."""
+    cfg = _config(config)
+    check_input(cfg.input)
+    layout = RunLayout(output)
+    fingerprints = step_fingerprints(cfg, model_infos(cfg))
+    try:
+        shard_ids = [plan.shard_id for plan in load_plan(layout.plan_dir)]
+    except Exception:  # noqa: BLE001 - no plan yet, or one from an interrupted planning
+        return [f"{layout.root}: no finished shard plan yet: every step runs on every shard"]
+    lines = [step_plan.line() for step_plan in plan_run(layout, fingerprints, shard_ids)]
+    return lines + [f"({len(shard_ids)} shards planned; new input files would add shards)"]
+
+
+def curate(config: Config | dict | str | Path, output: str | Path | None = None, progress: bool = False) -> dict:
+    """Run the curation pipeline in this process (no Prefect) and return the run's summary.
+
+    `config`: a Config, a dict as in the YAML files, or a YAML path; `output`: the run directory
+    (default: the config's output.dir). A rerun reuses every output whose settings did not change."""
+    from facedata.caption_stage import run_caption_shard
+    from facedata.download_stage import run_download_shard
+    from facedata.face_stage import run_face_shard
+    from facedata.identity_stage import run_identity_stage
+    from facedata.summary import write_run_report
+
+    cfg = _config(config)
+    layout = RunLayout(output or cfg.output.dir)
+    check_input(cfg.input)
+    fingerprints = step_fingerprints(cfg, model_infos(cfg))
+    plans = plan_shards(cfg.input, cfg.shards.samples_per_shard, layout.plan_dir)
+    shard_ids = [plan.shard_id for plan in plans]
+    begin_run(layout, cfg.model_dump(mode="json"), fingerprints, shard_ids)
+    for plan in plans:
+        run_download_shard(plan, cfg, layout.root, progress, fingerprints["download"])
+        if "faces" in fingerprints:
+            run_face_shard(plan.shard_id, cfg, layout.root, progress, fingerprints["faces"])
+    if "identity" in fingerprints:
+        run_identity_stage(cfg, layout.root, shard_ids, fingerprints["identity"])
+    if "captions" in fingerprints:
+        for shard_id in shard_ids:
+            run_caption_shard(shard_id, cfg, layout.root, progress, fingerprints["captions"])
+    summary = write_run_report(layout.root, cfg.faces.enabled, cfg.output.contact_sheet_max, cfg.output.contact_sheet)
+    if cfg.publish.to:
+        summary["published"] = publish(layout.root, cfg)["destination"]
+    return summary
+
+
+def publish(run_dir: str | Path, cfg: Config, progress: bool = False) -> dict:
+    """Publish a finished run where `cfg.publish` says (the flow's last step)."""
+    from facedata.publish import holds_publish_of
+    from facedata.publish import publish as publish_run
+
+    options = cfg.publish
+    # A scheduled run whose input grew publishes the new version over its own earlier publish.
+    overwrite = options.overwrite or holds_publish_of(Path(options.to), Path(run_dir))
+    return publish_run(Path(run_dir), options.to, private=options.private, overwrite=overwrite,
+                       crops=options.crops, embeddings=options.embeddings,
+                       samples_per_shard=options.samples_per_shard, progress=progress)

@@ -1,0 +1,70 @@
+"""Every path of a run directory, named once.
+
+A run directory holds the shard plan, one folder per pipeline step with that step's per-shard
+files (`NNNNN.parquet`, `NNNNN.stats.json`, and whatever else the step writes), the config the
+run was made under with each step's fingerprint, and the run's reports. Modules ask a
+`RunLayout` for a path instead of spelling folder names, so the layout can change in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# The folder of each step's shard outputs. The download step's folder keeps its historical name.
+STEP_DIRS = {"download": "shards", "faces": "faces", "identity": "identity", "captions": "captions"}
+
+
+def shard_name(shard_id: int) -> str:
+    return f"{shard_id:05d}"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    root: Path
+
+    def __init__(self, root: str | Path):
+        object.__setattr__(self, "root", Path(root))
+
+    # The run as a whole.
+    @property
+    def plan_dir(self) -> Path:
+        return self.root / "_plan"
+
+    @property
+    def config_file(self) -> Path:
+        """The config the run was last started with (what the dataset card states)."""
+        return self.root / "config.yaml"
+
+    @property
+    def fingerprints_file(self) -> Path:
+        """Each step's fingerprint under config_file: a step output with another is stale."""
+        return self.root / "fingerprints.json"
+
+    @property
+    def summary_file(self) -> Path:
+        return self.root / "summary.json"
+
+    # Steps and their shards.
+    def step_dir(self, step: str) -> Path:
+        return self.root / STEP_DIRS.get(step, step)
+
+    def shard_file(self, step: str, shard_id: int, suffix: str) -> Path:
+        """e.g. shard_file("faces", 3, "embeddings.npy") -> RUN/faces/00003.embeddings.npy"""
+        return self.step_dir(step) / f"{shard_name(shard_id)}.{suffix}"
+
+    def records_file(self, step: str, shard_id: int) -> Path:
+        return self.shard_file(step, shard_id, "parquet")
+
+    def stats_file(self, step: str, shard_id: int) -> Path:
+        """Written last by a shard step: its presence marks the shard done."""
+        return self.shard_file(step, shard_id, "stats.json")
+
+    def images_tar(self, shard_id: int) -> Path:
+        """The kept images of a shard (written by the download step, read by the later ones)."""
+        return self.shard_file("download", shard_id, "tar")
+
+    @property
+    def identity_report(self) -> Path:
+        """Written last by the identity step: marks it done."""
+        return self.step_dir("identity") / "identity.json"

@@ -1,0 +1,193 @@
+"""Step fingerprints: a rerun redoes exactly the steps whose settings changed and the ones after them,
+and a run directory never holds outputs made under settings other than the ones it records."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import REPO, openpeople_photos
+from facedata.config import config_from_dict
+from facedata.fingerprints import Fingerprint, StaleRunError, check_current, step_fingerprints
+from facedata.run_layout import RunLayout
+
+STEPS = ("download", "faces", "identity", "captions")
+# Model infos as the loaders report them: the fingerprints take them as data.
+MODELS = {"detector": {"name": "det", "version": "1"}, "embedder": {"name": "emb", "version": "1"},
+          "attributes": {"Parsing": {"name": "parser", "version": "1"}}}
+
+
+def test_fingerprints_chain_and_name_what_changed():
+    base = config_from_dict({"input": {"path": "x.parquet"}})
+    before = step_fingerprints(base, MODELS)
+    assert list(before) == list(STEPS)
+    # Speed-only options change nothing.
+    faster = config_from_dict({"input": {"path": "x.parquet"}, "download": {"concurrency": 3},
+                               "faces": {"batch_size": 2}, "attributes": {"batch_size": 4, "threads": 2},
+                               "runner": {"max_workers": 7}})
+    assert {s: f.digest for s, f in step_fingerprints(faster, MODELS).items()} == {s: f.digest for s, f in before.items()}
+
+    stricter = config_from_dict({"input": {"path": "x.parquet"}, "faces": {"filter": {"min_score": 0.8}}})
+    after = step_fingerprints(stricter, MODELS)
+    assert after["download"].digest == before["download"].digest
+    assert all(after[s].digest != before[s].digest for s in ("faces", "identity", "captions"))
+    assert after["faces"].why_stale(before["faces"].as_dict()) == "settings changed (faces.filter.min_score 0.6 -> 0.8)"
+    assert after["identity"].why_stale(before["identity"].as_dict()) == "faces changed"
+    assert after["faces"].why_stale(after["faces"].as_dict()) is None
+    assert after["faces"].why_stale(None) == "made before fingerprints were recorded"
+
+    # A new model version is a change of the steps that run it.
+    newer = {**MODELS, "embedder": {"name": "emb", "version": "2"}}
+    assert step_fingerprints(base, newer)["faces"].why_stale(before["faces"].as_dict()) == \
+        "settings changed (models.embedder emb 1 -> emb 2)"
+    # Steps switched off leave the list.
+    assert list(step_fingerprints(config_from_dict({"input": {"path": "x"}, "identity": {"enabled": False}}),
+                                  MODELS)) == ["download", "faces", "captions"]
+
+
+def _stamps(run: Path) -> dict[str, dict]:
+    layout = RunLayout(run)
+    out = {step: {p.name: p.stat().st_mtime_ns for p in layout.step_dir(step).glob("*.stats.json")}
+           for step in ("download", "faces", "captions")}
+    out["identity"] = {"identity.json": layout.identity_report.stat().st_mtime_ns}
+    return out
+
+
+def _redone(before: dict, after: dict) -> set[str]:
+    return {step for step in STEPS if before[step] != after[step]}
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """A small real run (2 people x 3 photos in 2 shards, folder input), made in this process."""
+    from facedata.pipeline import curate
+
+    root = tmp_path_factory.mktemp("fingerprints")
+    photos = root / "photos"
+    photos.mkdir()
+    people = sorted({p.parents[1].name for p in openpeople_photos()})[:2]
+    for path in [p for p in openpeople_photos() if p.parents[1].name in people and p.stem != "amateur_posture"]:
+        target = photos / f"{path.parents[1].name}_{path.name}"
+        shutil.copy(path, target)
+        target.with_suffix(".txt").write_text(f"a photo, {path.stem.replace('_', ' ')}")
+    data = {"input": {"path": str(photos), "format": "folder"}, "shards": {"samples_per_shard": 3},
+            "identity": {"drop_outliers": False}, "output": {"contact_sheet": False}}
+    run = root / "run"
+    curate(data, run)
+    return data, run
+
+
+def _rerun(base_run, tmp_path, **sections) -> tuple[Path, set[str], dict]:
+    from facedata.pipeline import curate
+
+    data, run = base_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    before = _stamps(copy)
+    changed = json.loads(json.dumps(data))
+    for section, values in sections.items():
+        for key, value in values.items():
+            node = changed.setdefault(section, {})
+            *parents, leaf = key.split(".")
+            for parent in parents:
+                node = node.setdefault(parent, {})
+            node[leaf] = value
+    summary = curate(changed, copy)
+    return copy, _redone(before, _stamps(copy)), summary
+
+
+def _records(run: Path, step: str) -> list[dict]:
+    return [r for p in sorted(RunLayout(run).step_dir(step).glob("0*.parquet")) for r in pq.read_table(p).to_pylist()]
+
+
+def test_unchanged_rerun_redoes_nothing(base_run, tmp_path, caplog):
+    caplog.set_level("INFO", logger="facedata")
+    run, redone, _ = _rerun(base_run, tmp_path)
+    assert redone == set()
+    lines = [r.getMessage() for r in caplog.records if r.name == "facedata.pipeline"]
+    assert lines == ["download: 2 reused", "faces: 2 reused", "identity: reused", "captions: 2 reused"]
+
+
+def test_caption_settings_redo_captions_only_and_the_card_states_them(base_run, tmp_path, caplog):
+    from facedata.publish import publish
+
+    caplog.set_level("INFO", logger="facedata")
+    run, redone, _ = _rerun(base_run, tmp_path, attributes={"include": ["gender"], "min_confidence": 0.99})
+    assert redone == {"captions"}
+    assert "captions: settings changed (attributes.include null -> [\"gender\"], attributes.min_confidence 0.85 " \
+           "-> 0.99), redoing 2 shards" in caplog.text
+    faces = [f for r in _records(run, "captions") for f in (r["face_attributes"] or [])]
+    assert faces
+    for face in faces:
+        stated = {k for k, v in face["values"].items() if v is not None}
+        assert stated <= {"gender"}
+        assert all(face["confidences"][k] >= 0.99 for k in stated)
+    card = (Path(publish(run, tmp_path / "dataset", progress=False)["destination"]) / "README.md").read_text()
+    assert "0.99" in card and "0.85" not in card
+
+
+def test_identity_settings_redo_identity_and_captions(base_run, tmp_path):
+    run, redone, _ = _rerun(base_run, tmp_path, identity={"threshold": 0.9})
+    assert redone == {"identity", "captions"}
+    assert json.loads(RunLayout(run).identity_report.read_text())["config"]["threshold"] == 0.9
+
+
+def test_face_settings_redo_faces_and_after(base_run, tmp_path):
+    run, redone, _ = _rerun(base_run, tmp_path, faces={"filter.min_score": 0.8})
+    assert redone == {"faces", "identity", "captions"}
+    scores = [f["score"] for r in _records(run, "faces") for f in (r["faces"] or [])]
+    assert scores and min(scores) >= 0.8
+
+
+def test_image_settings_redo_everything(base_run, tmp_path):
+    # A shorter-side limit between the photos' own sizes, so that some are now too small.
+    sides = sorted(min(r["orig_width"], r["orig_height"]) for r in _records(base_run[1], "download"))
+    limit = sides[len(sides) // 2] + 1
+    assert limit <= sides[-1]
+    run, redone, summary = _rerun(base_run, tmp_path, image={"min_side": limit})
+    assert redone == set(STEPS)
+    rows = _records(run, "download")
+    assert [r["status"] == "too_small" for r in rows] == [min(r["orig_width"], r["orig_height"]) < limit for r in rows]
+
+
+def test_a_run_stopped_after_a_settings_change_cannot_be_published(base_run, tmp_path):
+    """The new config is recorded before any step redoes its outputs: until they are redone, the run
+    reads as stale, and publishing it (whose card would state the new settings) is refused."""
+    from facedata.fingerprints import model_infos
+    from facedata.pipeline import begin_run
+    from facedata.publish import publish
+
+    data, run = base_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    layout = RunLayout(copy)
+    check_current(layout)
+    changed = config_from_dict({**data, "attributes": {"min_confidence": 0.95}})
+    begin_run(layout, changed.model_dump(mode="json"), step_fingerprints(changed, model_infos(changed)), [0, 1])
+    with pytest.raises(StaleRunError, match=r"captions: settings changed \(attributes.min_confidence 0.85 -> 0.95\)"):
+        publish(copy, tmp_path / "dataset", progress=False)
+    assert not (tmp_path / "dataset").exists()
+
+
+def test_dry_run_prints_what_would_be_redone(base_run, tmp_path):
+    data, run = base_run
+    config = tmp_path / "run.yaml"
+    import yaml
+
+    config.write_text(yaml.safe_dump(data))
+    proc = subprocess.run([str(REPO / ".venv" / "bin" / "facedata"), "run", str(config), "--output", str(run),
+                           "--dry-run", "--set", "identity.k=8"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[:4] == [
+        "download: 2 reused", "faces: 2 reused", "identity: settings changed (identity.k 32 -> 8), redoing",
+        "captions: identity changed, redoing 2 shards"]
+
+
+def test_fingerprint_round_trips_through_its_dict():
+    fp = step_fingerprints(config_from_dict({"input": {"path": "x"}}), MODELS)["captions"]
+    assert Fingerprint(**fp.as_dict()) == fp
