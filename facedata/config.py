@@ -8,6 +8,7 @@ file, the key and what was expected, e.g.::
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Literal
 
@@ -279,6 +280,37 @@ class Config(_Section):
     output: OutputConfig = OutputConfig()
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, line: int, first_line: int):
+        super().__init__(f"key {key!r} given twice")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping key given twice (plain YAML keeps the last one and
+    silently drops the first: two `faces:` sections would lose the first). Keys brought in by a
+    `<<` merge may still be overridden, as YAML intends."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark.line + 1)
+                except TypeError:
+                    continue  # an unhashable key: SafeLoader reports it
+                if first != key_node.start_mark.line + 1:
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1, first)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 -- a SafeLoader subclass
+
+
 def _first_error(source: str, err: ValidationError) -> ConfigError:
     e = err.errors()[0]
     loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
@@ -305,11 +337,14 @@ def _apply_override(data: dict, item: str, source: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"{source}: --set {key}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = _load_yaml(raw)
+    except _DuplicateKey as err:
+        raise ConfigError(f"{source}: --set {key}: key {err.key!r} given twice") from None
 
 
 def config_from_dict(data: dict, source: str = "<config>", overrides: list[str] = ()) -> Config:
-    data = dict(data)
+    data = copy.deepcopy(data)  # overrides write into nested sections: never into the caller's
     for item in overrides:
         _apply_override(data, item, source)
     try:
@@ -326,7 +361,10 @@ def read_yaml_mapping(path: Path) -> dict:
     except OSError as err:
         raise ConfigError(f"{path}: cannot read config: {err.strerror}") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = _load_yaml(text) or {}
+    except _DuplicateKey as err:
+        raise ConfigError(f"{path}: line {err.line}: key {err.key!r} given twice (first on line {err.first_line}); "
+                          "only one can apply: merge them") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "?"
