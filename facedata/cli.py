@@ -122,6 +122,10 @@ def cmd_run(args) -> int:
 
         print("\n".join(dry_run(cfg, run_dir)))
         return 0
+    from facedata.reader import check_run
+
+    # A bad input or run directory is one line now, before the models load and Prefect starts.
+    check_run(cfg, run_dir, "--output" if args.output else "output.dir")
     if args.no_prefect:
         from facedata.pipeline import curate
 

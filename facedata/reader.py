@@ -25,6 +25,7 @@ Memory stays flat in the input size: files are read in batches, and only the URL
 
 from __future__ import annotations
 
+import csv
 import glob
 import hashlib
 import json
@@ -32,6 +33,7 @@ import logging
 import os
 import re
 import tarfile
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +104,50 @@ class _Batch:
 
 def _file_format(path: Path) -> str | None:
     return _FILE_FORMATS.get(path.suffix.lower())
+
+
+# What a file's first bytes say it is, for a format mismatch message.
+_KIND_NAMES = {"parquet": "Parquet", "tar": "a tar archive", "gzip": "gzip-compressed data", "zip": "a zip archive",
+               "binary": "binary data", "json": "JSON lines", "text": "CSV/TSV text"}
+# The kinds each format's files may be (CSV, TSV and tars may be compressed: pyarrow and tarfile
+# decompress them).
+_FITS = {"parquet": {"parquet"}, "csv": {"text", "gzip"}, "tsv": {"text", "gzip"},
+         "jsonl": {"json", "text"}, "webdataset": {"tar", "gzip"}}
+_KIND_FORMAT = {"parquet": "parquet", "tar": "webdataset", "json": "jsonl", "text": "csv (or tsv)"}
+
+
+def _sniff(path: Path) -> str | None:
+    """parquet, tar, gzip, zip, binary, json or text from the file's first bytes; None if unreadable."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return None
+    if head.startswith(b"PAR1"):
+        return "parquet"
+    if head[257:262] == b"ustar":
+        return "tar"
+    if head.startswith(b"\x1f\x8b"):
+        return "gzip"
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if b"\x00" in head:
+        return "binary"
+    return "json" if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{") else "text"
+
+
+def _check_format(path: Path, fmt: str) -> None:
+    if mismatch := _format_mismatch(path, fmt):
+        raise InputError(mismatch)
+
+
+def _format_mismatch(path: Path, fmt: str) -> str | None:
+    """A one-line message when the file's content is not what input.format (or its suffix) says."""
+    kind = _sniff(path)
+    if kind is None or kind in _FITS.get(fmt, {kind}):
+        return None
+    fix = f"set input.format: {_KIND_FORMAT[kind]}" if kind in _KIND_FORMAT else "check input.path"
+    return f"{path}: read as {fmt}, but the file holds {_KIND_NAMES[kind]}; {fix}"
 
 
 def _detect_dir_format(root: Path) -> str:
@@ -272,7 +318,8 @@ def _check_columns(source: str, names: list[str], cfg: InputConfig, kind: str = 
         if name not in names:
             shown = ", ".join(names[:30]) + (", ..." if len(names) > 30 else "")
             where = "" if kind == "column" else " in the first records"
-            raise InputError(f"{source}: {kind} {name!r} not found{where} ({kind}s: {shown}); set input.{setting}")
+            fix = f"set input.{setting}" + (" (null: no captions)" if setting == "caption_col" else "")
+            raise InputError(f"{source}: {kind} {name!r} not found{where} ({kind}s: {shown}); {fix}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +338,8 @@ def _read_parquet(cfg: InputConfig, files: list[Path], batch_rows: int) -> Itera
         try:
             parquet = pq.ParquetFile(f)
         except (pa.ArrowInvalid, OSError) as err:
-            raise InputError(f"{f}: not a readable Parquet file ({_one_line(err)})") from None
+            raise InputError(_format_mismatch(f, "parquet")
+                             or f"{f}: not a readable Parquet file ({_one_line(err)})") from None
         names = parquet.schema_arrow.names
         _check_columns(str(f), names, cfg)
         columns = None
@@ -307,6 +355,7 @@ def _read_csv(cfg: InputConfig, files: list[Path], batch_rows: int, delimiter: s
     parse = pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
     label = "TSV" if delimiter == "\t" else "CSV"
     for f in files:
+        _check_format(f, "tsv" if delimiter == "\t" else "csv")
         try:
             names = pacsv.open_csv(f, parse_options=parse).schema.names
             _check_columns(str(f), names, cfg)
@@ -314,11 +363,46 @@ def _read_csv(cfg: InputConfig, files: list[Path], batch_rows: int, delimiter: s
             # so neither type inference nor a stray byte can fail the read.
             convert = pacsv.ConvertOptions(column_types={name: pa.binary() for name in names})
             reader = pacsv.open_csv(f, parse_options=parse, convert_options=convert)
+            checked = False
             for batch in reader:
+                if not checked and _has_line_break(batch):
+                    _check_csv_quotes(f, delimiter, label)
+                    checked = True
                 for offset in range(0, batch.num_rows, batch_rows):
                     yield _table_batch(str(f), batch.slice(offset, batch_rows), cfg)
         except pa.ArrowInvalid as err:
-            raise InputError(f"{f}: not valid {label} ({_one_line(err)})") from None
+            fmt = "tsv" if delimiter == "\t" else "csv"
+            raise InputError(_format_mismatch(f, fmt) or f"{f}: not valid {label} ({_one_line(err)})") from None
+
+
+def _has_line_break(batch: pa.RecordBatch) -> bool:
+    """Whether any value holds a line break: a quoted multi-line value, or an unclosed quote that
+    swallowed the following rows."""
+    return any(pc.any(pc.match_substring_regex(column, "[\r\n]")).as_py() for column in batch.columns)
+
+
+def _check_csv_quotes(path: Path, delimiter: str, label: str) -> None:
+    """Read the file strictly (Python's csv, strict=True): an InputError naming the line where a
+    quoted value opens that does not close properly. pyarrow reads such a value on to the next
+    quote, or to the end of the file, silently turning the rows in between into one caption."""
+    limit = csv.field_size_limit()
+    csv.field_size_limit(1 << 30)
+    try:
+        with open(path, encoding="utf-8", errors="replace", newline="") as f:
+            rows = csv.reader(f, delimiter=delimiter, strict=True)
+            start = 1
+            try:
+                for _ in rows:
+                    start = rows.line_num + 1
+            except csv.Error as err:
+                end = rows.line_num
+                runs = f" runs on to line {end} and" if end > start else ""
+                raise InputError(
+                    f"{path}: line {start}: a quoted value that starts on this line{runs} does not close "
+                    f"properly ({err}); the rows after it would merge into one value: close the quote, "
+                    f'or write a quote inside a value as ""') from None
+    finally:
+        csv.field_size_limit(limit)
 
 
 def _record_fields(rows: list[dict]) -> dict[str, list]:
@@ -338,6 +422,7 @@ def _records_batch(source: str, rows: list[dict], cfg: InputConfig, check: bool)
 
 def _read_jsonl(cfg: InputConfig, files: list[Path], batch_rows: int) -> Iterator[_Batch]:
     for f in files:
+        _check_format(f, "jsonl")
         rows: list[dict] = []
         first = True
         with open(f, "rb") as lines:
@@ -373,11 +458,29 @@ def _open_hf(cfg: InputConfig, files: list[Path]):
                 raise InputError(f"{files[0]}: split {cfg.hf_split!r} not found (splits: {splits}); set input.hf_split")
             ds = ds[cfg.hf_split]
         return ds
+    _check_hub_reachable(cfg)
     try:
         return datasets.load_dataset(cfg.path, split=cfg.hf_split, streaming=True)
     except Exception as err:  # the hub client raises many types (network, auth, unknown split or name)
         reason = _one_line(err)
         raise InputError(f"{cfg.path}: cannot open Hugging Face dataset, split {cfg.hf_split!r} ({reason})") from None
+
+
+def _check_hub_reachable(cfg: InputConfig) -> None:
+    """InputError at once when the Hub does not answer: the hub client would retry for about half a
+    minute, printing a warning per try, before failing. Off in offline mode (HF_HUB_OFFLINE=1),
+    where datasets reads its local cache."""
+    import httpx
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    try:
+        httpx.head(constants.ENDPOINT, timeout=5)
+    except httpx.HTTPError as err:
+        raise InputError(
+            f"{cfg.path}: cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({_one_line(err)}); "
+            "set HF_HUB_OFFLINE=1 to read a cached dataset, or give a dataset saved with save_to_disk") from None
 
 
 def _read_hf(cfg: InputConfig, files: list[Path], batch_rows: int) -> Iterator[_Batch]:
@@ -491,7 +594,8 @@ def _read_webdataset(cfg: InputConfig, files: list[Path], batch_rows: int) -> It
                         yield _wds_batch(str(f), metas, images, captions, cfg)
                         metas, images, captions = [], [], []
         except tarfile.TarError as err:
-            raise InputError(f"{f}: not a readable tar file ({_one_line(err)})") from None
+            raise InputError(_format_mismatch(f, "webdataset")
+                             or f"{f}: not a readable tar file ({_one_line(err)})") from None
         if metas:
             yield _wds_batch(str(f), metas, images, captions, cfg)
 
@@ -579,22 +683,35 @@ def iter_samples(cfg: InputConfig, batch_rows: int = BATCH_ROWS) -> Iterator[pa.
     return _iter_source(cfg, _resolve(cfg), batch_rows)
 
 
+def _batches(cfg: InputConfig, source: _Source, batch_rows: int) -> Iterator[_Batch]:
+    if source.format == "folder":
+        return _read_folder(source.files[0], batch_rows)
+    if source.format in ("csv", "tsv"):
+        return _read_csv(cfg, source.files, batch_rows, "\t" if source.format == "tsv" else ",")
+    reader = {"parquet": _read_parquet, "jsonl": _read_jsonl, "hf": _read_hf, "webdataset": _read_webdataset}
+    return reader[source.format](cfg, source.files, batch_rows)
+
+
 def _iter_source(cfg: InputConfig, source: _Source, batch_rows: int,
                  normalise: _Normaliser | None = None) -> Iterator[pa.Table]:
-    if source.format == "folder":
-        batches = _read_folder(source.files[0], batch_rows)
-    elif source.format in ("csv", "tsv"):
-        batches = _read_csv(cfg, source.files, batch_rows, "\t" if source.format == "tsv" else ",")
-    else:
-        reader = {"parquet": _read_parquet, "jsonl": _read_jsonl, "hf": _read_hf, "webdataset": _read_webdataset}
-        batches = reader[source.format](cfg, source.files, batch_rows)
+    batches = _batches(cfg, source, batch_rows)
     normalise = normalise or _Normaliser(cfg)
     for batch in batches:
         if len(batch.url):
             yield normalise(batch)
     if normalise.n_rows == normalise.first_row:
         where = cfg.path if normalise.first_row == 0 else ", ".join(str(f) for f in source.files)
-        raise InputError(f"{where}: no samples found")
+        raise InputError(f"{where}: no samples found{_why_empty(source)}")
+
+
+def _why_empty(source: _Source) -> str:
+    if source.format == "folder":
+        return f" (no image files: {', '.join(sorted(IMAGE_SUFFIXES))})"
+    if source.format in ("csv", "tsv") and len(source.files) == 1:
+        return " (a header line and no rows)"
+    if source.format == "parquet" and len(source.files) == 1:
+        return " (0 rows)"
+    return ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -638,10 +755,98 @@ def _write_shards(tables: Iterator[pa.Table], samples_per_shard: int, plan_dir: 
     return shards
 
 
+# Inputs up to this size are read whole by check_input; larger ones have the start of each file read.
+CHECK_ALL_BYTES = 32 << 20
+_checked_inputs: set[str] = set()
+
+
 def check_input(cfg: InputConfig) -> None:
-    """The InputError planning would raise for a missing, empty or unrecognised input, now: a run
-    checks this before it loads its models and starts Prefect (tens of seconds on a cold start)."""
-    _resolve(cfg)
+    """The InputError planning would raise, now: a run checks this before it loads its models and
+    starts Prefect (tens of seconds on a cold start), and `facedata serve` before it serves.
+
+    A missing or empty input, a file whose content is not its format, missing columns, rows that
+    do not parse (a JSONL line, an unclosed CSV quote): an input of at most CHECK_ALL_BYTES is read
+    whole, a larger one up to the first batch of each file (a problem further in is reported by the
+    planning, with the same message); a Hugging Face dataset has its first rows read. An input
+    already checked unchanged (same files, sizes, mtimes and settings) is not read again."""
+    source = _resolve(cfg)
+    key = None
+    if source.files:
+        entries = _file_entries(source)
+        whole = sum(size for _, size, _ in entries) <= CHECK_ALL_BYTES
+        key = _fingerprint(_settings(cfg, source, 0), entries) + ("whole" if whole else "start")
+        if key in _checked_inputs:
+            return
+    else:  # a hub dataset: its first rows
+        whole = False
+    for f in source.files:
+        if f.is_file():
+            _check_format(f, source.format)
+    if whole or source.format in ("folder", "hf"):
+        rows = _iter_source(cfg, source, BATCH_ROWS if whole else 64)
+        try:
+            for _ in rows:
+                if not whole:
+                    break
+        finally:
+            rows.close()
+    else:
+        _peek_files(cfg, source)
+    if key is not None:
+        _checked_inputs.add(key)
+
+
+def _peek_files(cfg: InputConfig, source: _Source) -> None:
+    """Read each file up to its first rows; InputError when none has any."""
+    found = False
+    for f in source.files:
+        batches = _batches(cfg, _Source(source.format, [f]), BATCH_ROWS)
+        try:
+            for batch in batches:
+                if len(batch.url):
+                    found = True
+                    break
+        finally:
+            batches.close()
+    if not found:
+        raise InputError(f"{cfg.path}: no samples found{_why_empty(source)}")
+
+
+def check_run(cfg, run_dir: Path, setting: str = "output.dir") -> None:
+    """check_input and check_run_dir for a run of cfg (a Config) in run_dir: what `facedata run`
+    and `facedata serve` check before models load and Prefect starts."""
+    check_input(cfg.input)
+    check_run_dir(run_dir, cfg.input, cfg.shards.samples_per_shard, setting)
+
+
+def check_run_dir(run_dir: Path, cfg: InputConfig, samples_per_shard: int, setting: str = "output.dir") -> None:
+    """An InputError, now, when a run could not work in run_dir: it is a file (or under one), it
+    cannot be written, or it holds the run of another input or settings (its plan, _plan/plan.json,
+    does not match; an input that only grew by new files is fine). setting names where the path
+    came from (--output or output.dir) for the message."""
+    run_dir = Path(run_dir)
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == run_dir else f"is under {existing}, which is a file"
+        raise InputError(f"{run_dir}: the run directory ({setting}) {what}; choose a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".facedata-write-check-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        where = "" if existing == run_dir else f" (in {existing}, to create it)"
+        raise InputError(f"{run_dir}: cannot write the run directory ({setting}){where}: {err.strerror}") from None
+    plan_file = run_dir / "_plan" / PLAN_FILE
+    if not plan_file.is_file():
+        return
+    plan = _read_plan(plan_file)
+    source = _resolve(cfg)
+    settings = _settings(cfg, source, samples_per_shard)
+    files = _file_entries(source)
+    if plan.get("fingerprint") != _fingerprint(settings, files):
+        _appended_files(plan_file, plan, cfg, source, _digest(settings), files)
 
 
 def plan_shards(cfg: InputConfig, samples_per_shard: int, plan_dir: Path) -> list[ShardPlan]:
@@ -703,7 +908,7 @@ def _appended_files(plan_file: Path, plan: dict, cfg: InputConfig, source: _Sour
     """The input files added since the plan was made, in read order, when the input only grew by
     new files; otherwise an InputError saying what changed."""
     another = f"{plan_file}: this run dir belongs to another input or settings (planned from {plan.get('input')})"
-    if plan.get("settings") != settings or "files" not in plan:
+    if plan.get("settings") != settings or "files" not in plan or _other_path(plan.get("input"), cfg.path):
         raise InputError(f"{another}; use another output dir or delete this one")
     now = {path: [size, mtime] for path, size, mtime in files}
     for path, size, mtime in plan["files"]:
@@ -718,6 +923,11 @@ def _appended_files(plan_file: Path, plan: dict, cfg: InputConfig, source: _Sour
                          "them to planned shards; use another output dir or delete this one")
     planned = {path for path, *_ in plan["files"]}
     return [f for f in source.files if str(f.resolve()) not in planned]
+
+
+def _other_path(planned: str | None, path: str) -> bool:
+    """Whether the plan was made from another input path (not the same one spelled otherwise)."""
+    return planned is not None and Path(planned).expanduser().resolve() != Path(path).expanduser().resolve()
 
 
 def _planned_urls(planned: list[ShardPlan]) -> set[int]:

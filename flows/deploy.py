@@ -161,6 +161,12 @@ def check_server() -> str:
 
 
 def run_serve_command(args) -> int:
+    from facedata.config import load_config
+    from facedata.reader import check_run
+
+    # What would fail every scheduled run (a missing input, an unwritable run directory) fails now.
+    cfg = load_config(args.config, args.overrides)
+    check_run(cfg, args.output or Path(cfg.output.dir), "--output" if args.output else "output.dir")
     url = check_server()
     specs = build_specs(args)
     for flow, options in specs:

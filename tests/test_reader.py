@@ -270,7 +270,7 @@ def test_missing_columns_empty_and_absent_inputs(tmp_path):
     path.write_text("URL,TEXT\nhttp://e.com/1.jpg,hi\n")
     assert input_error(path) == f"{path}: column 'url' not found (columns: URL, TEXT); set input.url_col"
     assert input_error(path, url_col="URL") == (
-        f"{path}: column 'caption' not found (columns: URL, TEXT); set input.caption_col"
+        f"{path}: column 'caption' not found (columns: URL, TEXT); set input.caption_col (null: no captions)"
     )
     assert read_all(path, url_col="URL", caption_col=None).column("caption").to_pylist() == [None]
     empty = tmp_path / "empty.csv"
@@ -278,7 +278,7 @@ def test_missing_columns_empty_and_absent_inputs(tmp_path):
     assert input_error(empty) == f"{empty}: file is empty"
     header_only = tmp_path / "header.csv"
     header_only.write_text("url,caption\n")
-    assert input_error(header_only) == f"{header_only}: no samples found"
+    assert input_error(header_only) == f"{header_only}: no samples found (a header line and no rows)"
     missing = tmp_path / "nowhere.parquet"
     assert input_error(missing).startswith(f"{missing}: not found")
     assert input_error(tmp_path / "*.tsv") == f"{tmp_path / '*.tsv'}: no files match this pattern"
