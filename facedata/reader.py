@@ -766,8 +766,9 @@ def check_input(cfg: InputConfig) -> None:
 
     A missing or empty input, a file whose content is not its format, missing columns, rows that
     do not parse (a JSONL line, an unclosed CSV quote): an input of at most CHECK_ALL_BYTES is read
-    whole, a larger one up to the first batch of each file (a problem further in is reported by the
-    planning, with the same message); a Hugging Face dataset has its first rows read. An input
+    whole, a larger one up to the first batch of each of its first CHECK_FILES files (a problem
+    further in is reported by the planning, with the same message); a Hugging Face dataset has its
+    first rows read. An input
     already checked unchanged (same files, sizes, mtimes and settings) is not read again."""
     source = _resolve(cfg)
     key = None
@@ -796,10 +797,15 @@ def check_input(cfg: InputConfig) -> None:
         _checked_inputs.add(key)
 
 
+# A large input has at most this many of its files' starts read up front (the planning reads them all).
+CHECK_FILES = 64
+
+
 def _peek_files(cfg: InputConfig, source: _Source) -> None:
-    """Read each file up to its first rows; InputError when none has any."""
-    found = False
-    for f in source.files:
+    """Read the first CHECK_FILES files up to their first rows; InputError when none has any and
+    there are no more files."""
+    found = len(source.files) > CHECK_FILES
+    for f in source.files[:CHECK_FILES]:
         batches = _batches(cfg, _Source(source.format, [f]), BATCH_ROWS)
         try:
             for batch in batches:

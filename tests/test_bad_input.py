@@ -276,3 +276,23 @@ def test_large_input_has_the_start_of_each_file_checked(tmp_path, monkeypatch):
     monkeypatch.setattr(reader, "CHECK_ALL_BYTES", 1 << 20)
     with pytest.raises(InputError, match=f"^{late}: line {late_line}: not valid JSON"):
         check_input(InputConfig(path=str(late)))
+
+
+def test_large_input_of_many_files_has_the_first_ones_checked(tmp_path, monkeypatch):
+    monkeypatch.setattr(reader, "CHECK_ALL_BYTES", 0)
+    monkeypatch.setattr(reader, "CHECK_FILES", 3)
+    folder = tmp_path / "daily"
+    folder.mkdir()
+    for name in ("a", "b", "c"):
+        (folder / f"{name}.jsonl").write_text("\n")  # no records
+    with pytest.raises(InputError, match=f"^{folder}: no samples found$"):
+        check_input(InputConfig(path=str(folder)))
+    monkeypatch.setattr(reader, "CHECK_FILES", 2)
+    check_input(InputConfig(path=str(folder)))  # c.jsonl, not read, may have records
+    (folder / "c.jsonl").write_text("{oops\n")  # past the checked files: the planning finds it
+    check_input(InputConfig(path=str(folder)))
+    with pytest.raises(InputError, match=f"^{folder / 'c.jsonl'}: line 1: not valid JSON"):
+        list(iter_samples(InputConfig(path=str(folder))))
+    (folder / "a.jsonl").write_text("{oops\n")
+    with pytest.raises(InputError, match=f"^{folder / 'a.jsonl'}: line 1: not valid JSON"):
+        check_input(InputConfig(path=str(folder)))
