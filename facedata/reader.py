@@ -366,7 +366,7 @@ def _read_csv(cfg: InputConfig, files: list[Path], batch_rows: int, delimiter: s
             checked = False
             for batch in reader:
                 if not checked and _has_line_break(batch):
-                    _check_csv_quotes(f, delimiter, label)
+                    _check_csv_quotes(f, delimiter)
                     checked = True
                 for offset in range(0, batch.num_rows, batch_rows):
                     yield _table_batch(str(f), batch.slice(offset, batch_rows), cfg)
@@ -381,7 +381,7 @@ def _has_line_break(batch: pa.RecordBatch) -> bool:
     return any(pc.any(pc.match_substring_regex(column, "[\r\n]")).as_py() for column in batch.columns)
 
 
-def _check_csv_quotes(path: Path, delimiter: str, label: str) -> None:
+def _check_csv_quotes(path: Path, delimiter: str) -> None:
     """Read the file strictly (Python's csv, strict=True): an InputError naming the line where a
     quoted value opens that does not close properly. pyarrow reads such a value on to the next
     quote, or to the end of the file, silently turning the rows in between into one caption."""
