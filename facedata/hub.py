@@ -5,7 +5,11 @@ Three pieces, each usable on its own:
 - `parse_destination`: where to publish: `hf://datasets/OWNER/NAME[@REVISION]` (or `--repo OWNER/NAME`) for
   the Hub, anything else a local folder;
 - `upload_plan`: what would be uploaded (every file and its size), checked against the Hub's repository
-  limits before a single byte leaves the machine, and split into commits; `--dry-run` prints it;
+  limits before a single byte leaves the machine;
+- `upload_steps`: the client calls the upload makes, in order, with their arguments (create the repo, the branch,
+  then one folder upload); `--dry-run` prints them with the plan, and `upload_to_hub` makes exactly these calls.
+  How many commits the folder upload makes is the client's choice (one, or several `(part N)` commits for a large
+  folder), so no per-commit plan is printed: facedata does not choose the commits;
 - `upload_to_hub`: creates the dataset repo (private by default) and uploads the folder.
 
 The token comes from the caller, else `HF_TOKEN`, else the user's saved login (`hf auth login`). It is never
@@ -44,8 +48,6 @@ MAX_ENTRIES_PER_FOLDER = 10_000  # files + subfolders directly in one folder
 MAX_FILES_PER_REPO = 100_000
 MAX_FILE_BYTES = 50 * 1000**3  # hard limit per file: 50 GB
 WARN_FILE_BYTES = 5 * 1000**3  # above this a file uploads slowly and resumes coarsely: warn
-MAX_FILES_PER_COMMIT = 100  # the Hub's recommended commit size
-MAX_BYTES_PER_COMMIT = 2 * 1000**3  # keeps each commit a bounded amount of work to redo
 
 NO_TOKEN_MESSAGE = "no Hugging Face token: set HF_TOKEN or run `hf auth login`"
 
@@ -172,28 +174,12 @@ class PlannedFile:
     size: int
 
 
-@dataclass(frozen=True)
-class PlannedCommit:
-    files: tuple[PlannedFile, ...]
-
-    @property
-    def n_files(self) -> int:
-        return len(self.files)
-
-    @property
-    def bytes(self) -> int:
-        return sum(f.size for f in self.files)
-
-
 @dataclass
 class UploadPlan:
-    """Every file the upload sends (with its size), split into commits, plus warnings. Built by `upload_plan`."""
+    """Every file the upload sends (with its size), plus warnings. Built by `upload_plan`."""
 
     folder: Path
     files: list[PlannedFile]
-    commits: list[PlannedCommit]
-    max_files_per_commit: int = MAX_FILES_PER_COMMIT
-    max_bytes_per_commit: int = MAX_BYTES_PER_COMMIT
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -205,29 +191,21 @@ class UploadPlan:
         return sum(f.size for f in self.files)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "folder": str(self.folder),
-            "files": self.n_files,
-            "bytes": self.total_bytes,
-            "commits": [{"files": c.n_files, "bytes": c.bytes} for c in self.commits],
-            "warnings": list(self.warnings),
-            "max_files_per_commit": self.max_files_per_commit,
-            "max_bytes_per_commit": self.max_bytes_per_commit,
-        }
+        return {"folder": str(self.folder), "files": self.n_files, "bytes": self.total_bytes,
+                "warnings": list(self.warnings)}
 
-    def describe(self, destination: str | None = None, *, max_listed: int = 50) -> str:
-        """Human-readable plan for `--dry-run`: totals, commits, then the files (the first `max_listed`)."""
+    def describe(self, destination: str | None = None, *, steps: list[UploadStep] | None = None,
+                 max_listed: int = 50) -> str:
+        """Human-readable plan for `--dry-run`: totals, the calls the upload makes, then the files (the first
+        `max_listed`)."""
         head = f"upload plan: {self.folder}" + (f" -> {destination}" if destination else "")
-        n_commits = len(self.commits)
-        lines = [
-            head,
-            f"  {self.n_files} files, {format_bytes(self.total_bytes)}, {n_commits} commit{'s' * (n_commits != 1)}"
-            f" (at most {self.max_files_per_commit} files / {format_bytes(self.max_bytes_per_commit)} each)",
-        ]
+        lines = [head, f"  {self.n_files} files, {format_bytes(self.total_bytes)}, within the Hub's limits"
+                       f" (fewer than {MAX_ENTRIES_PER_FOLDER:,} entries per folder and {MAX_FILES_PER_REPO:,}"
+                       f" files, at most {format_bytes(MAX_FILE_BYTES)} per file)"]
         lines += [f"  warning: {w}" for w in self.warnings]
-        for i, c in enumerate(self.commits, 1):
-            span = c.files[0].path if c.n_files == 1 else f"{c.files[0].path} .. {c.files[-1].path}"
-            lines.append(f"  commit {i}: {c.n_files} files, {format_bytes(c.bytes)} ({span})")
+        if steps:
+            lines.append("  the upload makes these calls, in this order:")
+            lines += [f"    {i}. {step.method}: {step.description}" for i, step in enumerate(steps, 1)]
         lines.append("  files:")
         lines += [f"    {format_bytes(f.size):>10}  {f.path}" for f in self.files[:max_listed]]
         if self.n_files > max_listed:
@@ -235,15 +213,12 @@ class UploadPlan:
         return "\n".join(lines)
 
 
-def upload_plan(folder: str | os.PathLike, *, max_files_per_commit: int = MAX_FILES_PER_COMMIT,
-                max_bytes_per_commit: int = MAX_BYTES_PER_COMMIT) -> UploadPlan:
-    """List what an upload of `folder` sends, check it against the Hub's limits and split it into commits.
+def upload_plan(folder: str | os.PathLike) -> UploadPlan:
+    """List what an upload of `folder` sends and check it against the Hub's limits.
 
     Files are listed as huggingface_hub lists them (sorted, `.git/` and `.cache/huggingface/` left out). Raises a
     one-line `UserError` naming the folder or file when the Hub would refuse the upload: a folder with 10,000 or
     more entries, a file over 50 GB, 100,000 or more files; warns (log and `plan.warnings`) about files over 5 GB.
-    Commits hold at most `max_files_per_commit` files and `max_bytes_per_commit` bytes (a bigger file gets a
-    commit of its own), in path order.
     """
     folder = Path(folder).expanduser()
     if not folder.is_dir():
@@ -285,19 +260,61 @@ def upload_plan(folder: str | os.PathLike, *, max_files_per_commit: int = MAX_FI
         raise UserError(problems[0] + more)
     for w in warnings:
         log.warning("%s", w)
+    return UploadPlan(folder=folder, files=files, warnings=warnings)
 
-    commits: list[PlannedCommit] = []
-    batch: list[PlannedFile] = []
-    batch_bytes = 0
-    for f in files:
-        if batch and (len(batch) >= max_files_per_commit or batch_bytes + f.size > max_bytes_per_commit):
-            commits.append(PlannedCommit(tuple(batch)))
-            batch, batch_bytes = [], 0
-        batch.append(f)
-        batch_bytes += f.size
-    commits.append(PlannedCommit(tuple(batch)))
-    return UploadPlan(folder=folder, files=files, commits=commits, max_files_per_commit=max_files_per_commit,
-                      max_bytes_per_commit=max_bytes_per_commit, warnings=warnings)
+
+@dataclass(frozen=True)
+class UploadStep:
+    """One client call of an upload: `getattr(api, method)(**kwargs)`, and what it does in words."""
+
+    method: str
+    kwargs: dict[str, Any]
+    description: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"call": self.method, "kwargs": dict(self.kwargs), "description": self.description}
+
+
+def upload_steps(folder: str | os.PathLike, repo_id: str, *, client: Any, private: bool = True,
+                 revision: str | None = None, n_files: int | None = None,
+                 num_workers: int | None = None) -> list[UploadStep]:
+    """The calls `upload_to_hub` makes on `client` (an `HfApi`-like object or class), in order, with their exact
+    arguments: the `--dry-run` output is built from the same list that the upload executes.
+
+    The folder goes up in one call: `upload_large_folder` where the client has it (huggingface_hub <= 1.x), else
+    `upload_folder`. Either chooses its own commits, so the steps say how many files go up, not how many commits.
+    """
+    folder = Path(folder).expanduser()
+    what = f"{n_files} files" if n_files is not None else "the folder"
+    visibility = "private" if private else "public"
+    steps = [UploadStep("create_repo", dict(repo_id=repo_id, repo_type=REPO_TYPE, private=private, exist_ok=True),
+                        f"dataset repo {repo_id}, created {visibility} if missing (an existing repo is kept as it"
+                        " is, visibility included)")]
+    if revision is not None and revision != "main" and not revision.startswith("refs/"):
+        steps.append(UploadStep("create_branch", dict(repo_id=repo_id, branch=revision, repo_type=REPO_TYPE,
+                                                      exist_ok=True),
+                                f"branch {revision!r} of {repo_id}, created if missing"))
+    if hasattr(client, "upload_large_folder"):
+        # huggingface_hub <= 1.x: resumable multi-commit upload; its state lives in
+        # FOLDER/.cache/huggingface/ (never uploaded itself), so re-running picks up where it stopped.
+        kwargs: dict[str, Any] = dict(repo_id=repo_id, folder_path=str(folder), repo_type=REPO_TYPE,
+                                      revision=revision, private=private, ignore_patterns=LOCAL_ONLY_PATTERNS)
+        if num_workers is not None:
+            kwargs["num_workers"] = num_workers
+        steps.append(UploadStep("upload_large_folder", kwargs,
+                                f"{what} from {folder} in one call; huggingface_hub commits them in batches of its"
+                                " own choosing and re-running resumes (its state is in .cache/huggingface/)"))
+    else:
+        # huggingface_hub >= 2.0 dropped upload_large_folder: upload_folder streams the files and commits
+        # them in batches; re-running skips committed files and dedups uploaded chunks, so it resumes too.
+        # It also ignores .git/ and .cache/huggingface/ (left over by an older upload_large_folder).
+        steps.append(UploadStep("upload_folder",
+                                dict(repo_id=repo_id, folder_path=str(folder), repo_type=REPO_TYPE,
+                                     revision=revision, ignore_patterns=LOCAL_ONLY_PATTERNS,
+                                     commit_message=f"Upload {folder.name} with facedata"),
+                                f"{what} from {folder} in one call; huggingface_hub makes one commit, or several"
+                                " ('(part N)') for a large folder, and re-running resumes"))
+    return steps
 
 
 # --------------------------------------------------------------------------------------------- upload
@@ -329,13 +346,15 @@ def _saved_token() -> str | None:
 
 def upload_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool = True, revision: str | None = None,
                   token: str | None = None, dry_run: bool = False, api: Any = None,
-                  num_workers: int | None = None) -> dict[str, Any]:
+                  num_workers: int | None = None, shown_folder: str | os.PathLike | None = None) -> dict[str, Any]:
     """Upload `folder` to the Hub dataset repo `repo_id` (created if missing, private by default).
 
-    `dry_run` plans, prints the plan and returns it without any Hub call (nor needing a token). Otherwise creates
-    the repo (`exist_ok`; an existing repo keeps its visibility), the branch `revision` if it is not `main`, then
-    uploads with the client's resumable folder upload: re-running after an interruption resumes. `api` is an
-    `HfApi`-like client (default `HfApi(token=token)`); `num_workers` only applies to `upload_large_folder`.
+    `dry_run` plans, prints the plan and the calls the upload would make (`upload_steps`) and returns them without
+    any Hub call (nor needing a token). Otherwise makes exactly those calls: create the repo (`exist_ok`; an
+    existing repo keeps its visibility), the branch `revision` if it is not `main`, then the client's resumable
+    folder upload: re-running after an interruption resumes. `api` is an `HfApi`-like client (default
+    `HfApi(token=token)`); `num_workers` only applies to `upload_large_folder`. `shown_folder` (dry runs only)
+    is the folder named in the printed plan when `folder` is a temporary build of it.
     Returns a summary dict (never the token). Hub and network failures raise one-line `UserError`s.
     """
     folder = Path(folder).expanduser()
@@ -345,49 +364,46 @@ def upload_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool = Tr
     plan = upload_plan(folder)
     token, token_source = resolve_token(token)
     dest = Destination(kind="hub", repo_id=repo_id, revision=revision)
+    if api is None and dry_run:
+        from huggingface_hub import HfApi
+
+        client: Any = HfApi  # the class: which upload method the installed client has
+    elif api is None:
+        if token is None:
+            raise UserError(NO_TOKEN_MESSAGE)
+        from huggingface_hub import HfApi
+
+        client = api = HfApi(token=token)
+    else:
+        client = api
+    shown = Path(shown_folder) if dry_run and shown_folder is not None else folder
+    steps = upload_steps(shown, repo_id, client=client, private=private, revision=revision, n_files=plan.n_files,
+                         num_workers=num_workers)
+    shown_plan = UploadPlan(folder=shown, files=plan.files, warnings=plan.warnings)
     result: dict[str, Any] = {
         "destination": str(dest), "repo_id": repo_id, "repo_type": REPO_TYPE, "revision": revision,
         "private": private, "url": dest.url, "files": plan.n_files, "bytes": plan.total_bytes,
-        "commits_planned": len(plan.commits), "dry_run": dry_run, "token_source": token_source,
-        "plan": plan.to_dict(),
+        "steps": [s.to_dict() for s in steps], "dry_run": dry_run, "token_source": token_source,
+        "plan": shown_plan.to_dict(),
     }
     if dry_run:
-        print(plan.describe(str(dest)))
+        print(shown_plan.describe(str(dest), steps=steps))
         print(f"  token: {token_source or 'missing (' + NO_TOKEN_MESSAGE + ')'}")
         return result
     if token is None:
         raise UserError(NO_TOKEN_MESSAGE)
-    if api is None:
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
     log.info("uploading %d files (%s) from %s to %s (%s), token from %s", plan.n_files,
              format_bytes(plan.total_bytes), folder, dest.url, "private" if private else "public", token_source)
     endpoint = str(getattr(api, "endpoint", None) or _endpoint()).rstrip("/")
     with _hub_errors(repo_id, revision, token, endpoint):
-        api.create_repo(repo_id, repo_type=REPO_TYPE, private=private, exist_ok=True)
-        if revision is not None and revision != "main" and not revision.startswith("refs/"):
-            api.create_branch(repo_id, branch=revision, repo_type=REPO_TYPE, exist_ok=True)
-        if hasattr(api, "upload_large_folder"):
-            # huggingface_hub <= 1.x: resumable multi-commit upload; its state lives in
-            # FOLDER/.cache/huggingface/ (never uploaded itself), so re-running picks up where it stopped.
-            kwargs: dict[str, Any] = dict(repo_id=repo_id, folder_path=str(folder), repo_type=REPO_TYPE,
-                                          revision=revision, private=private, ignore_patterns=LOCAL_ONLY_PATTERNS)
-            if num_workers is not None:
-                kwargs["num_workers"] = num_workers
-            api.upload_large_folder(**kwargs)
-            result["method"] = "upload_large_folder"
-        else:
-            # huggingface_hub >= 2.0 dropped upload_large_folder: upload_folder streams the files and commits
-            # them in batches; re-running skips committed files and dedups uploaded chunks, so it resumes too.
-            # It also ignores .git/ and .cache/huggingface/ (left over by an older upload_large_folder).
-            info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type=REPO_TYPE,
-                                     revision=revision, ignore_patterns=LOCAL_ONLY_PATTERNS,
-                                     commit_message=f"Upload {folder.name} with facedata")
-            result["method"] = "upload_folder"
-            for key in ("commit_url", "oid"):
-                if getattr(info, key, None):
-                    result[key] = str(getattr(info, key))
+        info = None
+        for step in steps:
+            log.info("upload: %s: %s", step.method, step.description)
+            info = getattr(api, step.method)(**step.kwargs)
+        result["method"] = steps[-1].method
+        for key in ("commit_url", "oid"):
+            if getattr(info, key, None):
+                result[key] = str(getattr(info, key))
     log.info("uploaded %s", dest.url)
     return result
 

@@ -162,34 +162,23 @@ def test_repo_option_errors():
 # --------------------------------------------------------------------------------------------- plan
 
 
-def test_plan_splits_250_small_files_into_3_commits(tmp_path):
+def test_plan_lists_250_small_files(tmp_path):
     root = make_files(tmp_path / "ds", 250, size=3)
     (root / ".cache" / "huggingface").mkdir(parents=True)
     (root / ".cache" / "huggingface" / "x.lock").write_text("")
     plan = upload_plan(root)
     assert plan.n_files == 250 and plan.total_bytes == 750
-    assert [c.n_files for c in plan.commits] == [100, 100, 50]
-    assert [c.bytes for c in plan.commits] == [300, 300, 150]
-    assert [f.path for c in plan.commits for f in c.files] == [f.path for f in plan.files]
     assert plan.files[0].path == "f00000.bin" and plan.files[-1].path == "f00249.bin"
     assert not any(".cache" in f.path for f in plan.files)
     text = plan.describe("hf://datasets/a/b", max_listed=5)
-    assert "250 files" in text and "3 commits" in text and "commit 3: 50 files" in text
-    assert "... and 245 more" in text and "hf://datasets/a/b" in text
-    d = plan.to_dict()
-    assert d["files"] == 250 and [c["files"] for c in d["commits"]] == [100, 100, 50]
+    assert "250 files" in text and "... and 245 more" in text and "hf://datasets/a/b" in text
+    assert "commit 1" not in text  # facedata does not choose the commits: no per-commit plan is shown
+    assert plan.to_dict() == {"folder": str(root), "files": 250, "bytes": 750, "warnings": []}
 
 
 def test_plan_leaves_out_hub_bookkeeping_and_the_search_index(dataset):
     plan = upload_plan(dataset)
     assert [f.path for f in plan.files] == ["README.md", "data/f00000.bin", "data/f00001.bin", "data/f00002.bin"]
-
-
-def test_plan_bounds_commit_bytes(tmp_path):
-    root = make_files(tmp_path / "ds", 5, size=10)
-    (root / "zbig.bin").write_bytes(b"x" * 100)
-    plan = upload_plan(root, max_bytes_per_commit=25)
-    assert [c.bytes for c in plan.commits] == [20, 20, 10, 100]  # a file over the bound gets its own commit
 
 
 def test_plan_refuses_a_folder_with_10001_files(tmp_path):
@@ -235,7 +224,6 @@ def test_plan_refuses_a_file_over_50_gb_and_warns_over_5_gb(tmp_path, caplog):
         plan = upload_plan(root)
     assert len(plan.warnings) == 1 and str(big) in plan.warnings[0]
     assert str(big) in caplog.text
-    assert [c.n_files for c in plan.commits] == [1, 1]  # the 6 GB file is over the per-commit byte bound
 
 
 def test_plan_refuses_empty_or_missing_folder(tmp_path):
@@ -253,10 +241,12 @@ def test_dry_run_calls_nothing_and_needs_no_token(dataset, capsys):
     api = FakeHubApi()
     result = upload_to_hub(dataset, "alice/faces", dry_run=True, api=api)
     assert api.calls == []
-    assert result["dry_run"] and result["files"] == 4 and result["commits_planned"] == 1
+    assert result["dry_run"] and result["files"] == 4
+    assert [s["call"] for s in result["steps"]] == ["create_repo", "upload_folder"]
     out = capsys.readouterr().out
     assert "upload plan" in out and "hf://datasets/alice/faces" in out and "data/f00000.bin" in out
-    assert "4 files" in out and "1 commit (" in out
+    assert "4 files" in out and "1. create_repo: dataset repo alice/faces, created private" in out
+    assert "2. upload_folder: 4 files" in out
     assert "no Hugging Face token" in out
 
 
@@ -282,6 +272,32 @@ def test_upload_creates_private_repo_then_uploads(dataset):
     assert result["method"] == "upload_folder" and result["oid"] == "0" * 40
     assert result["private"] is True and result["url"] == "https://huggingface.co/datasets/alice/faces"
     assert TOKEN not in repr(result)
+
+
+@pytest.mark.parametrize("client, revision", [(FakeHubApi, None), (FakeHubApi, "v2"), (FakeLegacyHubApi, "v2"),
+                                              (FakeLegacyHubApi, "main")])
+def test_dry_run_shows_the_calls_the_upload_makes(dataset, capsys, client, revision):
+    """Issue 14: the plan `--dry-run` prints is the upload: the same calls, in the same order, same arguments."""
+    planned = upload_to_hub(dataset, "alice/faces", dry_run=True, api=client(), revision=revision, private=False)
+    printed = capsys.readouterr().out
+    api = client()
+    done = upload_to_hub(dataset, "alice/faces", token=TOKEN, api=api, revision=revision, private=False)
+    assert [(s["call"], s["kwargs"]) for s in planned["steps"]] == [(name, {**dict(zip(["repo_id"], args)), **kw})
+                                                                   for name, args, kw in api.calls]
+    assert done["steps"] == planned["steps"] and done["method"] == api.names[-1]
+    for i, (name, _, _) in enumerate(api.calls, 1):
+        assert f"    {i}. {name}: " in printed
+    assert f"    {len(api.calls) + 1}. " not in printed
+    assert ("create_branch" in api.names) == (revision == "v2")
+    assert TOKEN not in printed + repr(planned) + repr(done)
+
+
+def test_dry_run_without_a_client_plans_for_the_installed_one(dataset, capsys):
+    result = upload_to_hub(dataset, "alice/faces", dry_run=True)
+    method = "upload_large_folder" if hasattr(HfApi, "upload_large_folder") else "upload_folder"
+    assert [s["call"] for s in result["steps"]] == ["create_repo", method]
+    shown = upload_to_hub(dataset, "alice/faces", dry_run=True, shown_folder="/somewhere/else")
+    assert shown["plan"]["folder"] == "/somewhere/else" and "/somewhere/else" in capsys.readouterr().out
 
 
 def test_legacy_client_uses_upload_large_folder(dataset):
