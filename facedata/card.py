@@ -845,7 +845,19 @@ def _fields_section(samples: pd.DataFrame, manifest: dict) -> list[str]:
     lines = ["## Fields", "", f"One row per image (a sample). The attribute values in {where} are:", ""]
     lines += [", ".join(f"`{a}` ({spec.kind}{': ' + ' / '.join(spec.values) if spec.values else ''})"
                         for a, spec in ATTRIBUTES.items()), ""]
-    return lines + _table(["column", "what it holds"], rows)
+    return lines + _table(["column", "what it holds"], rows) + _url_credentials_note(manifest)
+
+
+def _url_credentials_note(manifest: dict) -> list[str]:
+    """What publish did to credentials in URLs (manifest `url_credentials_stripped`: how many samples' URLs had
+    a `user:password@` part, removed before publishing); nothing for a manifest that does not say."""
+    n = manifest.get("url_credentials_stripped")
+    if not isinstance(n, int) or isinstance(n, bool):
+        return []
+    done = (f"the URLs of {_plural(n, 'sample')} had a `user:password@` part (credentials), removed before "
+            "publishing" if n else "none of this release's URLs had a `user:password@` part (credentials)")
+    return ["", f"URLs carry no credentials: {done}. Such a part is always removed from `url`, `source_url` and "
+                "the webdataset JSON; the rest of each URL is unchanged."]
 
 
 def _distribution_section(m: pd.DataFrame, plots: dict[str, Path | None], n_total: int) -> list[str]:

@@ -87,9 +87,11 @@ def _add_publish(sub) -> None:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--to", metavar="DEST", help="a folder, or hf://datasets/OWNER/NAME[@revision]")
     where.add_argument("--repo", metavar="OWNER/NAME", help="a Hub dataset repo (same as --to hf://datasets/...)")
-    p.add_argument("--dry-run", action="store_true", help="Hub: build the folder, print the upload plan, upload nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="write nothing: build in a temporary folder, then remove it (Hub: print the upload plan)")
     p.add_argument("--public", action="store_true", help="Hub: create the repo public (default: private)")
-    p.add_argument("--overwrite", action="store_true", help="replace a destination folder that holds something else")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier publish of other content at the destination (anything else is refused)")
     p.add_argument("--skip-partial", action="store_true", help="skip unfinished shards with a warning")
     p.add_argument("--crops", action="store_true", help="face crops instead of whole images in the tars")
     p.add_argument("--embeddings", action="store_true", help="also publish the primary faces' embeddings")
@@ -191,7 +193,8 @@ def cmd_publish(args) -> int:
                      progress=not args.no_progress)
     manifest = result["manifest"]
     splits = ", ".join(f"{name} {s['num_examples']}" for name, s in manifest["splits"].items())
-    state = "unchanged (already published)" if manifest["status"] == "unchanged" else "written"
+    state = {"unchanged": "unchanged (already published)",
+             "dry run": "not written (dry run), would go to"}.get(manifest["status"], "written")
     where = result.get("staging", result["destination"])
     print(f"{manifest['n_samples']} samples ({splits}) {state}: {where}")
     upload = result.get("upload")

@@ -18,10 +18,21 @@ DEST layout:
 - `manifest.json`, written last: run, code version, config, models, counts, every file with its size and
   sha256, and a fingerprint of the run's records and the publish options.
 
-Everything is written into a hidden sibling folder of DEST first and renamed onto DEST at the end (an older
-DEST is moved aside, then removed), so a killed publish never leaves a half dataset at DEST. Publishing the
-same run with the same options again finds the same fingerprint in DEST's manifest and does nothing.
-Two publishes to the same DEST at the same time are not supported.
+Everything is written into a hidden sibling folder of DEST first and renamed onto DEST at the end, so a killed
+publish never leaves a half dataset at DEST. Publishing the same run with the same options again finds the same
+fingerprint in DEST's manifest and does nothing. Two publishes to the same DEST at the same time are not supported.
+
+DEST is written only when it is missing, empty, or holds an earlier publish (its manifest.json, format
+facedata-publish); anything else (a folder of photos, a file, a symbolic link) is refused with NotAPublishError,
+`overwrite` or not, and nothing there is touched. Replacing an earlier publish (`overwrite`) deletes only what it
+wrote: the files its manifest lists, the manifest, and the folders left empty. Anything else in DEST (a `facedata
+search` index, a user's file) is hard-linked into the new folder before the swap, so it stays where it was; a
+file of that kind at a path the new publish writes is refused instead. The earlier publish is moved aside for the
+swap and then removed by that list; a publish killed in between is put back or finished by the next one.
+
+URLs are published without credentials: the `user:password@` part of each sample's URL (and of URLs in the run's
+config) is removed (`strip_userinfo`); the manifest counts the samples concerned (`url_credentials_stripped`) and
+the dataset card says so.
 """
 
 from __future__ import annotations
@@ -37,12 +48,14 @@ import secrets
 import shutil
 import subprocess
 import tarfile
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import pyarrow as pa
@@ -59,7 +72,7 @@ from facedata.shards import file_sha256, shard_name
 
 log = logging.getLogger(__name__)
 
-PUBLISH_FORMAT = 1  # bump when the published layout or columns change: it is part of the fingerprint
+PUBLISH_FORMAT = 2  # bump when the published layout or columns change: it is part of the fingerprint
 SPLITS = ("train", "validation", "test")  # published in this order; other split names follow, sorted
 DEFAULT_SPLIT = "train"  # for kept records without a split (a run without the identity stage)
 CROP_SCALE = 1.5  # the primary face box is grown this much (on its longer side) into a square crop
@@ -266,8 +279,42 @@ def _floats(values, n: int) -> list[float] | None:
     return [float(v) for v in values]
 
 
+def strip_userinfo(url):
+    """`url` without its `user:password@` part (the userinfo of RFC 3986: credentials must not be published), the
+    rest unchanged character for character: scheme, host (an IPv6 host keeps its brackets), port, path, query,
+    fragment. Anything else (None, a URL without userinfo, a path) comes back as it is."""
+    if not isinstance(url, str) or "@" not in url:
+        return url
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unclosed IPv6 bracket: cut the authority (up to / ? #) by hand
+        m = re.match(r"((?:[A-Za-z][A-Za-z0-9+.-]*:)?//)([^/?#]*)", url)
+        if not m or "@" not in m.group(2):
+            return url
+        return m.group(1) + m.group(2).rpartition("@")[2] + url[m.end():]
+    if "@" not in parts.netloc:
+        return url  # an "@" in the path, query or fragment is not userinfo
+    host = parts.netloc.rpartition("@")[2]  # the last "@" ends the userinfo (a password may hold one, unescaped)
+    at = url.find("//" + parts.netloc)
+    if at >= 0:
+        return url[:at + 2] + host + url[at + 2 + len(parts.netloc):]
+    return urlunsplit(parts._replace(netloc=host))  # urlsplit dropped a tab or newline from the authority
+
+
+def _strip_userinfo_in(value):
+    """`value` (a config: dicts, lists, strings) with the userinfo stripped from every URL string in it."""
+    if isinstance(value, dict):
+        return {k: _strip_userinfo_in(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strip_userinfo_in(v) for v in value]
+    if isinstance(value, str) and "://" in value:
+        return strip_userinfo(value)
+    return value
+
+
 def sample_row(record: dict, split: str, image: bytes | None = None) -> dict:
-    """The published metadata of one sample (the parquet row without its image)."""
+    """The published metadata of one sample (the parquet row without its image). Its URLs are published without
+    any `user:password@` part (`strip_userinfo`)."""
     faces = record.get("faces") or []
     face_ids = record.get("face_identity_ids") or []
     described = {a["face"]: a for a in (record.get("face_attributes") or [])}
@@ -288,18 +335,19 @@ def sample_row(record: dict, split: str, image: bytes | None = None) -> dict:
             "confidences": attrs["confidences"] if attrs else None,
         })
     licence = next((record[c] for c in LICENSE_COLUMNS if record.get(c) is not None), None)
+    url = strip_userinfo(record.get("url"))
     return {
         "key": record["key"],
         "face_caption": record.get("face_caption"),
         "caption": record.get("caption"),
-        "url": record.get("url"),
+        "url": url,
         "width": record.get("width"),
         "height": record.get("height"),
         "n_faces": record.get("n_faces") if record.get("n_faces") is not None else len(faces),
         "identity_id": record.get("identity_id"),
         "split": split,
         "faces": out_faces,
-        "source_url": record.get("url"),
+        "source_url": url,
         "license": str(licence) if licence is not None else None,
         "sha256": hashlib.sha256(image).hexdigest() if image is not None else None,
         "source_sha256": record.get("sha256"),
@@ -624,26 +672,156 @@ def holds_publish_of(dest: Path, run_dir: Path) -> bool:
     return bool(manifest) and manifest.get("run_dir") == str(Path(run_dir).resolve())
 
 
-def _check_dest(dest: Path, fp: str, overwrite: bool) -> dict | None:
-    """The manifest of an identical earlier publish at DEST, else None when DEST may be (re)written."""
-    if not dest.exists() and not dest.is_symlink():
+class NotAPublishError(UserError):
+    """DEST holds something that is not an earlier facedata publish: publish never replaces it, even with
+    --overwrite, and deletes nothing there."""
+
+
+def earlier_publish(dest: Path) -> dict | None:
+    """The manifest of the facedata publish the folder DEST holds (its manifest.json, as publish writes it:
+    format facedata-publish, with the files it wrote), or None when DEST is not one."""
+    if dest.is_symlink() or not dest.is_dir():
         return None
-    if dest.is_dir() and not any(dest.iterdir()):
-        return None
-    manifest = read_manifest(dest) if dest.is_dir() else None
-    if manifest and manifest.get("fingerprint") == fp and _intact(dest, manifest):
+    manifest = read_manifest(dest)
+    if isinstance(manifest, dict) and manifest.get("format") == "facedata-publish" \
+            and isinstance(manifest.get("files"), dict):
         return manifest
-    if not overwrite:
-        raise UserError(f"{dest} exists with different content; pass --overwrite")
     return None
 
 
+def _check_dest(dest: Path, fp: str, overwrite: bool) -> tuple[dict | None, dict | None]:
+    """(the manifest of an identical earlier publish at DEST, else None; the manifest of the earlier publish
+    that will be replaced, else None). Raises NotAPublishError for anything at DEST but an empty folder or an
+    earlier publish, and UserError for an earlier publish of other content without `overwrite`."""
+    if not dest.exists() and not dest.is_symlink():
+        return None, None
+    if dest.is_dir() and not dest.is_symlink() and not any(dest.iterdir()):
+        return None, None
+    manifest = read_manifest(dest) if dest.is_dir() else None
+    if manifest and manifest.get("fingerprint") == fp and _intact(dest, manifest):
+        return manifest, None
+    earlier = earlier_publish(dest)
+    if earlier is None:
+        what = ("is a symbolic link" if dest.is_symlink() else "is a file" if not dest.is_dir()
+                else f"holds files but no {MANIFEST} of a facedata publish")
+        raise NotAPublishError(f"{dest} {what}: publish only replaces an earlier publish (even with --overwrite), so"
+                               " nothing there was touched; publish to a new or empty folder")
+    if not overwrite:
+        raise UserError(f"{dest} exists with different content; pass --overwrite")
+    return None, earlier
+
+
+def _owned(manifest: dict) -> set[str]:
+    """The paths an earlier publish wrote in its folder: the files its manifest lists, and the manifest."""
+    return {rel for rel in manifest.get("files") or {} if _safe_rel(rel)} | {MANIFEST}
+
+
+def _safe_rel(rel: str) -> bool:
+    parts = Path(rel).parts
+    return bool(parts) and not Path(rel).is_absolute() and ".." not in parts
+
+
+def _entries(folder: Path) -> Iterator[tuple[str, bool]]:
+    """(relative path, is an empty folder) of every file, symbolic link and empty folder under `folder`."""
+    for root, dirs, files in os.walk(folder):
+        base = Path(root).relative_to(folder)
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            yield (base / name).as_posix(), False
+        if not dirs and not files and Path(root) != folder:
+            yield base.as_posix(), True
+
+
+def _keep_foreign(dest: Path, tmp: Path, owned: set[str]) -> list[str]:
+    """Hard-link every entry of DEST that the earlier publish did not write (a search index, a user's file)
+    into the new publish at `tmp`, at the same path, so the swap keeps it; returns their paths. Refuses
+    (deleting nothing) when the new publish writes a file at one of those paths or no link can be made."""
+    made = {parent.as_posix() for rel in owned for parent in Path(rel).parents}  # the folders it made
+    foreign = [(rel, empty_dir) for rel, empty_dir in _entries(dest)
+               if rel not in owned and not (empty_dir and rel in made)]
+    for rel, empty_dir in foreign:
+        clash = next((q.relative_to(tmp).as_posix() for q in [tmp / rel, *(tmp / rel).parents]
+                      if q != tmp and q.is_relative_to(tmp) and (q.is_file() or q.is_symlink())), None)
+        if clash is None and not empty_dir and (tmp / rel).exists():
+            clash = rel + "/"
+        if clash is not None:
+            raise NotAPublishError(f"{dest / rel}: not written by the earlier publish, and the new one writes"
+                                   f" {clash or rel}; nothing was touched: move it out of {dest} and publish again")
+    for rel, empty_dir in foreign:
+        target = tmp / rel
+        try:
+            if empty_dir:
+                target.mkdir(parents=True, exist_ok=True)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.link(dest / rel, target, follow_symlinks=False)
+        except OSError as err:
+            raise NotAPublishError(f"{dest / rel}: not written by the earlier publish, and it cannot be kept in the"
+                                   f" new one ({err.strerror or err}); nothing was touched: move it out of {dest}"
+                                   " and publish again") from None
+    if foreign:
+        log.info("publish: keeping %d files in %s that the earlier publish did not write (e.g. %s)", len(foreign),
+                 dest, foreign[0][0])
+    return [rel for rel, _ in foreign]
+
+
+def _remove_publish(folder: Path, owned: set[str], kept_in: Path | None = None) -> None:
+    """Delete, from the moved-aside earlier publish `folder`, the files it wrote (`owned`) and the entries that
+    live on in `kept_in` (the same file, hard-linked there), then the folders left empty. Nothing else is
+    deleted: a folder still holding something is left, with a warning."""
+    real = Path(os.path.realpath(folder))
+    for rel, empty_dir in list(_entries(folder)):
+        path = folder / rel
+        if empty_dir or Path(os.path.realpath(path.parent)) != real / Path(rel).parent:
+            continue  # folders go below, once empty; never follow a link out of the folder
+        if rel in owned:
+            path.unlink()
+        elif kept_in is not None:
+            kept = kept_in / rel
+            try:
+                if os.path.samestat(path.lstat(), kept.lstat()):
+                    path.unlink()
+            except FileNotFoundError:
+                pass
+    for root, dirs, _ in os.walk(folder, topdown=False):
+        for d in dirs:
+            path = Path(root) / d
+            if not path.is_symlink():
+                try:
+                    path.rmdir()
+                except OSError:  # not empty: it holds something publish did not write
+                    pass
+    try:
+        folder.rmdir()
+    except OSError:
+        log.warning("publish: left %s: it holds files that no publish wrote", folder)
+
+
 def _clean_stale(dest: Path) -> None:
-    """Temp folders of an earlier publish to DEST that was killed."""
-    for stale in dest.parent.glob(f".{dest.name}.publish-*"):
-        if stale.is_dir():
-            log.info("publish: removing %s, left by an interrupted publish", stale)
+    """What an earlier publish to DEST that was killed left beside it: its temp folders (its own output, and
+    links to files that are still in DEST), and an earlier publish moved aside (its own files only)."""
+    for stale in sorted(dest.parent.glob(f".{dest.name}.publish-*")):
+        if stale.is_symlink() or not stale.is_dir():
+            continue
+        log.info("publish: removing %s, left by an interrupted publish", stale)
+        if stale.name.startswith(f".{dest.name}.publish-old-"):
+            manifest = earlier_publish(stale)
+            if manifest is None:
+                log.warning("publish: left %s: it holds no publish manifest", stale)
+            else:
+                _remove_publish(stale, _owned(manifest), kept_in=dest)
+        else:
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def _restore_moved_aside(dest: Path) -> None:
+    """A publish killed between its two renames left DEST missing and the earlier publish beside it: put it
+    back, so the destination is as it was."""
+    if dest.exists() or dest.is_symlink():
+        return
+    moved = [p for p in dest.parent.glob(f".{dest.name}.publish-old-*") if p.is_dir() and not p.is_symlink()]
+    if len(moved) == 1:
+        log.info("publish: restoring %s from %s, left by an interrupted publish", dest, moved[0])
+        os.rename(moved[0], dest)
 
 
 def _fresh_sibling(dest: Path, tag: str) -> Path:
@@ -654,8 +832,9 @@ def _fresh_sibling(dest: Path, tag: str) -> Path:
             return path
 
 
-def _swap_in(tmp: Path, dest: Path) -> None:
-    """Rename the finished folder onto DEST; an older DEST is moved aside first, then removed."""
+def _swap_in(tmp: Path, dest: Path, earlier: dict | None) -> None:
+    """Rename the finished folder onto DEST. An earlier publish there (`earlier`, its manifest) is moved aside,
+    and then only what it wrote is deleted: anything else in DEST is carried into the new folder first."""
     if not dest.exists() and not dest.is_symlink():
         os.rename(tmp, dest)
         return
@@ -663,26 +842,41 @@ def _swap_in(tmp: Path, dest: Path) -> None:
         dest.rmdir()
         os.rename(tmp, dest)
         return
+    if earlier is None:  # _check_dest lets nothing else through; a folder that changed since is not replaced
+        raise NotAPublishError(f"{dest}: changed during the publish and is not an earlier publish; nothing there"
+                               " was touched")
+    owned = _owned(earlier)
+    _keep_foreign(dest, tmp, owned)
     old = _fresh_sibling(dest, "publish-old-")
     os.rename(dest, old)
-    os.rename(tmp, dest)
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink(missing_ok=True)
+    try:
+        os.rename(tmp, dest)
+    except BaseException:
+        os.rename(old, dest)
+        raise
+    try:
+        _remove_publish(old, owned, kept_in=dest)
+    except OSError as err:  # the new publish is in place; what is left of the old one is cleaned next time
+        log.warning("publish: could not remove all of the earlier publish at %s (%s)", old, err)
 
 
 # ---------------------------------------------------------------------------------------------- publish
 
 def publish_run(run_dir: Path, dest: Path, *, overwrite: bool = False, skip_partial: bool = False,
                 crops: bool = False, embeddings: bool = False, samples_per_shard: int = 1000,
-                progress: bool = True, name: str | None = None) -> dict:
+                progress: bool = True, name: str | None = None, dry_run: bool = False,
+                on_built: Callable[[Path], Any] | None = None) -> dict:
     """Publish the finished run at `run_dir` as a dataset folder at `dest` (see the module docstring).
 
     Returns the manifest, with `status` added: "written", or "unchanged" when DEST already held this
     exact publish (same run content, same options), in which case nothing is touched. Raises UserError
-    for a run that is not one, an unfinished shard (unless `skip_partial`), or a DEST with other content
-    (unless `overwrite`). `name` is the dataset's name in its card (default: DEST's folder name).
+    for a run that is not one, an unfinished shard (unless `skip_partial`), or an earlier publish of other
+    content at DEST (unless `overwrite`), and NotAPublishError for anything else at DEST (never replaced).
+    `name` is the dataset's name in its card (default: DEST's folder name).
+
+    `dry_run` checks DEST the same way but writes nothing there: the dataset is built in a temporary folder
+    (beside DEST, removed at the end), `on_built(folder)` is called with it (or with DEST when DEST already
+    holds this publish), and the status is "dry run".
     """
     run_dir, dest = Path(run_dir), Path(dest)
     if samples_per_shard < 1:
@@ -693,23 +887,34 @@ def publish_run(run_dir: Path, dest: Path, *, overwrite: bool = False, skip_part
     options = {"crops": bool(crops), "embeddings": bool(embeddings), "samples_per_shard": int(samples_per_shard),
                "skip_partial": bool(skip_partial), "name": name}
     fp = fingerprint(shards, options)
-    existing = _check_dest(dest, fp, overwrite)
+    if not dry_run:  # what a killed publish left: DEST put back as it was, its temp folders removed
+        _restore_moved_aside(dest)
+        _clean_stale(dest)
+    existing, earlier = _check_dest(dest, fp, overwrite)
     if existing is not None:
         log.info("publish: %s is unchanged (same run content and options, fingerprint %s)", dest, fp[:12])
+        if on_built is not None:
+            on_built(dest)
         return {**existing, "status": "unchanged"}
 
     counts = count_splits(shards)
     if not sum(counts.values()):
         raise UserError(f"{run_dir}: no kept samples to publish")
     splits = split_order(counts)
-    config = _read_yaml(run_dir / "config.yaml") or {}
+    config = _strip_userinfo_in(_read_yaml(run_dir / "config.yaml") or {})
     summary = _read_summary(run_dir)
     max_pixels = int(((config.get("image") or {}).get("max_pixels")) or 89478485)
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale(dest)
-    tmp = _fresh_sibling(dest, "publish-")
-    tmp.mkdir()  # not mkdtemp: the published folder gets the usual permissions
+    if dry_run:  # beside DEST when its parent exists (same disk as the real publish), else in the temp dir
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.publish-dry-",
+                                        dir=dest.parent if dest.parent.is_dir() else None))
+        except OSError:  # e.g. a read-only parent
+            tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.publish-dry-"))
+    else:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _fresh_sibling(dest, "publish-")
+        tmp.mkdir()  # not mkdtemp: the published folder gets the usual permissions
     writers: dict[str, SplitWriter] = {}
     try:
         files: dict[str, dict] = {}
@@ -720,11 +925,13 @@ def publish_run(run_dir: Path, dest: Path, *, overwrite: bool = False, skip_part
         card_input = _CardInput()
         vectors = _Embeddings(run_dir) if embeddings else None
         identities: dict[str, set] = {s: set() for s in splits}
+        n_stripped = 0  # samples whose URL had a user:password@ part, published without it
         total = sum(counts.values())
         with tqdm(total=total, unit="img", desc="publish", disable=not progress) as bar:
             for sample in iter_samples(shards):
                 split = _split_of(sample.record.get("split"))
                 row = sample_row(sample.record, split, sample.image)
+                n_stripped += row["url"] != sample.record.get("url")
                 writers[split].add(sample, row, vectors.get(sample) if vectors else None)
                 card_input.add(sample, row)
                 if row["identity_id"] is not None:
@@ -751,6 +958,7 @@ def publish_run(run_dir: Path, dest: Path, *, overwrite: bool = False, skip_part
             "splits": {s: {"num_examples": counts[s], "identities": len(identities[s]),
                            "num_shards": writers[s].n_shards} for s in splits},
             "n_samples": total,
+            "url_credentials_stripped": n_stripped,
             "data_files": {s: f"data/{s}-*" for s in splits},
             "features": _yaml_features(),
             "source_shards": [shard_name(i) for i in shards.ids],
@@ -769,19 +977,25 @@ def publish_run(run_dir: Path, dest: Path, *, overwrite: bool = False, skip_part
                 files[rel] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
         manifest["files"] = dict(sorted(files.items()))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
-        _swap_in(tmp, dest)
+        if dry_run:
+            if on_built is not None:
+                on_built(tmp)
+            shutil.rmtree(tmp)
+        else:
+            _swap_in(tmp, dest, earlier)
     except BaseException:
         for writer in writers.values():
             writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     size = sum(f["bytes"] for f in files.values())
-    log.info("publish: %d samples (%s) in %d files, %.1f MB, to %s", total,
-             ", ".join(f"{s} {counts[s]}" for s in splits), len(files) + 1, size / 1e6, dest)
+    log.info("publish: %d samples (%s) in %d files, %.1f MB, %s %s", total,
+             ", ".join(f"{s} {counts[s]}" for s in splits), len(files) + 1, size / 1e6,
+             "dry run, nothing written to" if dry_run else "to", dest)
     if shards.skipped:
         log.warning("publish: %d unfinished shards skipped: %s", len(shards.skipped),
                     ", ".join(s["shard"] for s in shards.skipped))
-    return {**manifest, "status": "written"}
+    return {**manifest, "status": "dry run" if dry_run else "written"}
 
 
 def staging_dir(run_dir: Path) -> Path:
@@ -794,18 +1008,28 @@ def publish(run_dir: Path, to: str | None = None, *, repo: str | None = None, pr
             dry_run: bool = False, overwrite: bool = False, skip_partial: bool = False, crops: bool = False,
             embeddings: bool = False, samples_per_shard: int = 1000, progress: bool = True) -> dict:
     """`facedata publish`: the run as a dataset folder at `to`, or on the Hub (`hf://datasets/OWNER/NAME`
-    or `repo`), built first in `staging_dir(run_dir)` and uploaded from there. `dry_run` (Hub only)
-    builds the folder and prints the upload plan without contacting the Hub."""
+    or `repo`), built first in `staging_dir(run_dir)` and uploaded from there. `dry_run` writes nothing
+    (neither the folder nor the staging folder: the dataset is built in a temporary folder, then removed)
+    and, for the Hub, prints the upload plan without contacting the Hub."""
     from facedata.hub import parse_destination, upload_to_hub
 
     destination = parse_destination(to, repo=repo)
     folder = Path(destination.path) if not destination.is_hub else staging_dir(run_dir)
     name = destination.repo_id if destination.is_hub else None
+    planned: dict = {}
+
+    def plan_upload(built: Path) -> None:
+        planned["upload"] = upload_to_hub(built, destination.repo_id, private=private,
+                                          revision=destination.revision, dry_run=True, shown_folder=folder)
+
     manifest = publish_run(run_dir, folder, overwrite=overwrite or destination.is_hub, skip_partial=skip_partial,
                            crops=crops, embeddings=embeddings, samples_per_shard=samples_per_shard,
-                           progress=progress, name=name)
+                           progress=progress, name=name, dry_run=dry_run,
+                           on_built=plan_upload if dry_run and destination.is_hub else None)
     if not destination.is_hub:
         return {"destination": str(folder), "manifest": manifest}
-    upload = upload_to_hub(folder, destination.repo_id, private=private, revision=destination.revision,
-                           dry_run=dry_run)
+    if dry_run:
+        upload = planned["upload"]
+    else:
+        upload = upload_to_hub(folder, destination.repo_id, private=private, revision=destination.revision)
     return {"destination": str(destination), "staging": str(folder), "manifest": manifest, "upload": upload}

@@ -365,3 +365,20 @@ def test_measurements_read_the_primary_face():
                                       (10**13, "n>1T")])
 def test_size_category(n, label):
     assert size_category(n) == label
+
+
+@pytest.mark.parametrize("count, expected", [
+    (3, "the URLs of 3 samples had a `user:password@` part (credentials), removed before publishing"),
+    (1, "the URLs of 1 sample had a `user:password@` part"),
+    (0, "none of this release's URLs had a `user:password@` part"),
+    (None, None),
+])
+def test_card_says_how_many_urls_had_credentials_stripped(tmp_path, count, expected):
+    manifest = dict(MANIFEST) if count is None else {**MANIFEST, "url_credentials_stripped": count}
+    samples = make_samples(n=12)
+    text = body(write(tmp_path, [], samples=samples, manifest=manifest))
+    fields = text.split("## Fields", 1)[1].split("\n## ", 1)[0]
+    if expected is None:  # a manifest that does not say (not made by publish): the card claims nothing
+        assert "credentials" not in text
+    else:
+        assert expected in fields and "the rest of each URL is unchanged" in fields

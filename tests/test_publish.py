@@ -20,7 +20,7 @@ from PIL import Image
 from facedata import publish
 from facedata.errors import UserError
 from facedata.imaging import decode_rgb
-from facedata.publish import crop_box, publish_run
+from facedata.publish import NotAPublishError, crop_box, publish_run, strip_userinfo
 from tests.conftest import facedata_cmd
 
 pytestmark = pytest.mark.slow
@@ -57,6 +57,20 @@ def quick_card(monkeypatch):
 def tree_state(root: Path) -> dict[str, tuple[int, int]]:
     return {p.relative_to(root).as_posix(): (p.stat().st_mtime_ns, p.stat().st_size)
             for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def fs_state(root: Path) -> dict[str, tuple | None]:
+    """Every file (mtime, size, content hash), link (target) and folder (None) under root."""
+    state: dict[str, tuple | None] = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_symlink():
+            state[rel] = ("link", str(p.readlink()))
+        elif p.is_file():
+            state[rel] = (p.stat().st_mtime_ns, p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
+        else:
+            state[rel] = None
+    return state
 
 
 @pytest.fixture(scope="module")
@@ -260,9 +274,111 @@ def test_other_content_is_refused_unless_overwrite(published, demo_run, tmp_path
     stray = tmp_path / "stray"
     stray.mkdir()
     (stray / "notes.txt").write_text("not a published dataset")
-    with pytest.raises(UserError, match="exists with different content"):
+    with pytest.raises(NotAPublishError, match="no manifest.json of a facedata publish"):
         publish_run(demo_run, stray, progress=False)
     assert [p.name for p in stray.iterdir()] == ["notes.txt"]
+
+
+def user_photos(root: Path) -> Path:
+    """A folder of a user's own files: photos, a subfolder, a symbolic link, an empty folder and a
+    manifest.json that is not a publish's."""
+    root.mkdir()
+    Image.new("RGB", (8, 8), "red").save(root / "holiday.jpg")
+    (root / "2024").mkdir()
+    Image.new("RGB", (8, 8), "blue").save(root / "2024" / "beach.png")
+    (root / "2024" / "notes.txt").write_text("not a dataset")
+    (root / "manifest.json").write_text(json.dumps({"files": {"holiday.jpg": {}}}))  # some other tool's
+    (root / "empty").mkdir()
+    (root / "latest.jpg").symlink_to("holiday.jpg")
+    return root
+
+
+def test_overwrite_refuses_anything_but_an_earlier_publish(demo_run, tmp_path, quick_card):
+    """Issue 15: --overwrite replaced any folder, a user's photos included. Now only an earlier publish is
+    replaced; anything else is one line and nothing there is touched."""
+    photos = user_photos(tmp_path / "photos")
+    before = fs_state(photos)
+    for overwrite in (True, False):
+        with pytest.raises(NotAPublishError) as err:
+            publish_run(demo_run, photos, overwrite=overwrite, progress=False)
+        message = str(err.value)
+        assert message.startswith(f"{photos} holds files but no manifest.json of a facedata publish")
+        assert "nothing there was touched" in message and "\n" not in message
+        assert isinstance(err.value, UserError)
+        assert fs_state(photos) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # no temp folder beside it either
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("mine")
+    link = tmp_path / "a-link"
+    link.symlink_to(photos)
+    for dest, what in ((a_file, "is a file"), (link, "is a symbolic link")):
+        with pytest.raises(NotAPublishError, match=f"{dest} {what}: publish only replaces an earlier publish"):
+            publish_run(demo_run, dest, overwrite=True, progress=False)
+    assert a_file.read_text() == "mine" and link.readlink() == photos and fs_state(photos) == before
+
+
+def test_replacing_a_publish_deletes_only_what_it_wrote(published, demo_run, tmp_path, quick_card):
+    """--overwrite over an earlier publish deletes the files its manifest lists (and the folders left empty);
+    a search index, a user's notes and an empty folder the publish did not make stay, byte for byte."""
+    dest = tmp_path / "ds"
+    shutil.copytree(published[0], dest)
+    old_files = set(published[1]["files"])
+    assert any(f.startswith("embeddings/") for f in old_files)
+    (dest / "search" / "0123abcd").mkdir(parents=True)
+    (dest / "search" / "0123abcd" / "index.faiss").write_bytes(b"an index")
+    (dest / "data" / "my-notes.txt").write_text("notes")
+    (dest / "embeddings" / "keep.npy").write_bytes(b"mine")  # in a folder the new publish does not make
+    (dest / "empty").mkdir()
+    ours = {rel: state for rel, state in fs_state(dest).items()
+            if rel.startswith(("search", "empty")) or rel in ("data/my-notes.txt", "embeddings/keep.npy")}
+    replaced = publish_run(demo_run, dest, samples_per_shard=16, progress=False, overwrite=True)
+    assert replaced["status"] == "written"
+    after = fs_state(dest)
+    assert {rel: after.get(rel) for rel in ours} == ours  # kept, same content and times
+    for rel, info in replaced["files"].items():  # the new publish is whole
+        assert hashlib.sha256((dest / rel).read_bytes()).hexdigest() == info["sha256"]
+    for rel in old_files - set(replaced["files"]):
+        assert not (dest / rel).exists()  # the earlier publish's own files are gone
+    assert sorted(p.name for p in (dest / "embeddings").iterdir()) == ["keep.npy"]
+    assert not set(replaced["files"]) & set(ours)  # the new manifest lists only what it wrote
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # nothing left beside it
+
+    # A user's file at a path the new publish writes: refused, nothing touched.
+    clash = dest / "data" / "train-00000-of-00001.parquet"
+    clash.write_text("mine")
+    before = fs_state(dest)
+    with pytest.raises(NotAPublishError, match="not written by the earlier publish, and the new one writes"):
+        publish_run(demo_run, dest, samples_per_shard=64, progress=False, overwrite=True)
+    assert fs_state(dest) == before and sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
+def test_a_replacement_killed_midway_loses_nothing(published, demo_run, tmp_path, quick_card, monkeypatch):
+    """Killed between moving the earlier publish aside and renaming the new one in: the next publish puts the
+    earlier one back first. Killed before the earlier one was removed: the next publish removes its files
+    only, never a user's."""
+    dest = tmp_path / "demo-faces"  # the name is part of the fingerprint
+    shutil.copytree(published[0], dest)
+    (dest / "notes.txt").write_text("mine")
+    aside = tmp_path / ".demo-faces.publish-old-0123abcd"
+    dest.rename(aside)  # as if killed right after the first rename
+    again = publish_run(demo_run, dest, samples_per_shard=PER_SHARD, embeddings=True, progress=False)
+    assert again["status"] == "unchanged" and (dest / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-faces"]
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as mp:  # killed after the swap, before the earlier publish was removed
+        mp.setattr(publish, "_remove_publish", killed)
+        with pytest.raises(KeyboardInterrupt):
+            publish_run(demo_run, dest, samples_per_shard=16, progress=False, overwrite=True)
+    (left,) = [p for p in tmp_path.iterdir() if p.name != "demo-faces"]
+    assert left.name.startswith(".demo-faces.publish-old-") and (left / "manifest.json").exists()
+    (left / "stranger.txt").write_text("someone's")  # not the publish's, not in DEST: must stay
+    assert publish_run(demo_run, dest, samples_per_shard=16, progress=False)["status"] == "unchanged"
+    assert (dest / "notes.txt").read_text() == "mine"
+    assert [p.relative_to(left).as_posix() for p in left.rglob("*")] == ["stranger.txt"]
 
 
 def test_unfinished_shard_is_named_or_skipped(demo_run, tmp_path, quick_card):
@@ -325,6 +441,97 @@ def test_crops_give_the_primary_face(demo_run, tmp_path, quick_card):
 
 
 
+@pytest.mark.parametrize("url, expected", [
+    ("https://example.org/a.jpg", "https://example.org/a.jpg"),  # no userinfo: unchanged
+    ("https://alice:s3cret@example.org/a.jpg", "https://example.org/a.jpg"),
+    ("https://alice@example.org/a.jpg", "https://example.org/a.jpg"),  # a user only
+    ("http://alice:pw@example.org:8080/a.jpg", "http://example.org:8080/a.jpg"),  # the port stays
+    ("http://u:p@[2001:db8::1]:8443/x.png", "http://[2001:db8::1]:8443/x.png"),  # IPv6 keeps its brackets
+    ("http://[2001:db8::1]/x.png", "http://[2001:db8::1]/x.png"),
+    ("https://u:p@host/a.jpg?sig=abc&by=me@x.org#frag", "https://host/a.jpg?sig=abc&by=me@x.org#frag"),
+    ("https://host/people/@alice/a.jpg?q=1", "https://host/people/@alice/a.jpg?q=1"),  # '@' in the path
+    ("https://u:p@ss@host/a.jpg", "https://host/a.jpg"),  # an unescaped '@' in the password
+    ("https://u:p%40ss@host/a%20b.jpg?x=%2F", "https://host/a%20b.jpg?x=%2F"),  # escapes kept as they were
+    ("HTTPS://U:P@Host.Example/A.jpg", "HTTPS://Host.Example/A.jpg"),  # case kept
+    ("https://@host/a.jpg", "https://host/a.jpg"),  # empty userinfo
+    ("//u:p@host/a.jpg", "//host/a.jpg"),  # scheme-relative
+    ("http://u:p@[::1/a.jpg", "http://[::1/a.jpg"),  # unparseable (unclosed bracket): still stripped
+    ("mailto:alice@example.org", "mailto:alice@example.org"),  # no authority, no userinfo
+    ("/data/img@2x.jpg", "/data/img@2x.jpg"),
+    ("", ""),
+    (None, None),
+])
+def test_strip_userinfo(url, expected):
+    assert strip_userinfo(url) == expected
+
+
+def test_urls_are_published_without_credentials(demo_run, tmp_path, quick_card):
+    """Issue 15: URLs with user:password@ were published verbatim. Parquet, webdataset JSON, the manifest's
+    config and its count (which the card states) all go without them; the rest of each URL is kept."""
+    import webdataset as wds
+    import pyarrow as pa
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run)
+    (run / "fingerprints.json").unlink(missing_ok=True)  # the run's records are edited below, on purpose
+    path = run / "captions" / "00000.parquet"
+    table = pq.read_table(path)
+    rows = table.to_pylist()
+    secret = {}
+    for i, row in enumerate(r for r in rows if r["status"] == "ok"):
+        if i < 3:
+            parts = row["url"].split("://", 1)
+            row["url"] = f"{parts[0]}://user{i}:pa55word{i}@{parts[1]}?token=ok&by=a@b"
+            secret[row["key"]] = row["url"]
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), path)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["input"]["path"] = "https://reader:hunter2@data.example.org:8443/corpus.parquet?v=2"
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+
+    dest = tmp_path / "out"
+    manifest = publish_run(run, dest, samples_per_shard=64, progress=False)
+    assert manifest["url_credentials_stripped"] == 3
+    assert manifest["config"]["input"]["path"] == "https://data.example.org:8443/corpus.parquet?v=2"
+    parquet = {r["key"]: r for p in sorted((dest / "data").glob("*.parquet")) for r in pq.read_table(p).to_pylist()}
+    tars = sorted(str(p) for p in (dest / "webdataset").glob("*.tar"))
+    webdataset = {s["__key__"]: json.loads(s["json"]) for s in wds.WebDataset(tars, shardshuffle=False)}
+    assert len(parquet) == len(webdataset) == 38
+    for key, url in secret.items():
+        clean = strip_userinfo(url)
+        assert "pa55word" not in clean and clean.endswith("?token=ok&by=a@b")
+        for row in (parquet[key], webdataset[key]):
+            assert row["url"] == row["source_url"] == clean
+    for key, row in parquet.items():
+        if key not in secret:
+            assert row["url"] == run_records(demo_run)[key]["url"]  # the others unchanged
+    published_bytes = b"".join(p.read_bytes() for p in dest.rglob("*") if p.is_file())
+    assert b"pa55word" not in published_bytes and b"hunter2" not in published_bytes
+
+
+def test_dry_run_writes_nothing(demo_run, tmp_path, quick_card, capsys):
+    """Issue 15: `publish --dry-run` wrote the staging folder RUN-published. Now a dry run builds the dataset in
+    a temporary folder and removes it: a folder destination, the staging folder and the run stay as they were."""
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run)
+    before = fs_state(tmp_path)
+    folder = publish.publish(run, str(tmp_path / "new" / "out"), dry_run=True, progress=False)
+    assert folder["manifest"]["status"] == "dry run" and folder["manifest"]["n_samples"] == 38
+    hub = publish.publish(run, repo="someone/faces", dry_run=True, progress=False)
+    assert hub["manifest"]["status"] == "dry run" and hub["upload"]["files"] == len(hub["manifest"]["files"]) + 1
+    assert hub["upload"]["plan"]["folder"] == str(tmp_path / "run-published")
+    assert "upload plan: " + str(tmp_path / "run-published") in capsys.readouterr().out
+    assert fs_state(tmp_path) == before
+
+    # A staging folder that already holds this publish is planned from as it is, untouched.
+    staging = publish.staging_dir(run)
+    publish_run(run, staging, name="someone/faces", progress=False)
+    before = fs_state(tmp_path)
+    again = publish.publish(run, repo="someone/faces", dry_run=True, progress=False)
+    assert again["manifest"]["status"] == "unchanged" and again["upload"]["files"] == hub["upload"]["files"]
+    assert fs_state(tmp_path) == before
+
+
 def test_licence_column_of_the_input_is_published():
     record = {"key": "000000007", "url": "https://example.org/a.jpg", "caption": "a face", "face_caption": "x",
               "width": 10, "height": 10, "n_faces": 0, "faces": [], "identity_id": None, "sha256": "ab",
@@ -333,6 +540,8 @@ def test_licence_column_of_the_input_is_published():
     assert row["license"] == "CC-BY-4.0" and row["source_url"] == record["url"]
     assert row["source_sha256"] == "ab" and row["sha256"] == hashlib.sha256(b"image").hexdigest()
     assert publish.sample_row({**record, "licence": None}, "train")["license"] is None
+    row = publish.sample_row({**record, "url": "https://me:pw@example.org:81/a.jpg?x=1"}, "train")
+    assert row["url"] == row["source_url"] == "https://example.org:81/a.jpg?x=1"
 
 
 def test_cli_publishes_to_a_folder_and_plans_a_hub_upload(demo_run, tmp_path, cli_env):
@@ -347,11 +556,23 @@ def test_cli_publishes_to_a_folder_and_plans_a_hub_upload(demo_run, tmp_path, cl
     assert proc.returncode == 0, proc.stderr[-2000:]
     n = json.loads((dest / "manifest.json").read_text())["n_samples"]
     assert f"{n} samples" in proc.stdout and "written" in proc.stdout
+    before = fs_state(tmp_path)
     proc = subprocess.run(facedata_cmd("publish", str(run), "--repo", "someone/faces", "--dry-run", "--no-progress"),
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "data/train-00000-of-00001.parquet" in proc.stdout and "commit" in proc.stdout
-    assert (tmp_path / "run-published" / "manifest.json").exists()
+    assert "data/train-00000-of-00001.parquet" in proc.stdout
+    assert "1. create_repo: dataset repo someone/faces" in proc.stdout and "2. upload_folder: " in proc.stdout
+    assert f"not written (dry run), would go to: {tmp_path / 'run-published'}" in proc.stdout
+    assert fs_state(tmp_path) == before  # issue 15: no staging folder, no temp folder, the run untouched
+
+    photos = user_photos(tmp_path / "photos")
+    before = fs_state(photos)
+    proc = subprocess.run(facedata_cmd("publish", str(run), "--to", str(photos), "--overwrite", "--no-progress"),
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
+    assert proc.stderr.startswith(f"facedata: error: {photos} holds files but no manifest.json of a facedata publish")
+    assert "nothing there was touched" in proc.stderr
+    assert fs_state(photos) == before  # every user file still there, unchanged
     proc = subprocess.run(facedata_cmd("publish", str(run), "--to", "hf://models/a/b"), env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "hf://datasets/OWNER/NAME" in proc.stderr
