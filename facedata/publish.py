@@ -169,8 +169,6 @@ def find_shards(run_dir: Path, skip_partial: bool = False) -> RunShards:
     ids = _shard_ids(run_dir)
     if not ids:
         raise UserError(f"{run_dir / 'shards'}: no shards in this run")
-    # The card states the run's config: refuse outputs that another config made.
-    check_current(RunLayout(run_dir), allow_missing=skip_partial)
     found = RunShards(run_dir, [])
     for shard_id in ids:
         name = shard_name(shard_id)
@@ -184,6 +182,9 @@ def find_shards(run_dir: Path, skip_partial: bool = False) -> RunShards:
             found.skipped.append({"shard": name, "missing": str(missing.relative_to(run_dir))})
         else:
             raise UserError(f"{missing}: missing, so shard {name} is unfinished; resume the run or pass --skip-partial")
+    # The card states the run's config: refuse outputs that another config made. After the loop, so that an
+    # unfinished shard is named by its missing file (and --skip-partial offered) first.
+    check_current(RunLayout(run_dir), allow_missing=skip_partial)
     if not found.ids:
         raise UserError(f"{run_dir}: no finished shard to publish")
     return found
