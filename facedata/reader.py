@@ -358,6 +358,11 @@ def _read_csv(cfg: InputConfig, files: list[Path], batch_rows: int, delimiter: s
         _check_format(f, "tsv" if delimiter == "\t" else "csv")
         try:
             names = pacsv.open_csv(f, parse_options=parse).schema.names
+            other = "," if delimiter == "\t" else "\t"
+            if len(names) == 1 and other in names[0] and len(names[0].split(other)) > 1:
+                fmt, wanted = ("tsv", "csv") if delimiter == "\t" else ("csv", "tsv")
+                raise InputError(f"{f}: read as {fmt}, but its header line is split by {other!r}; "
+                                 f"set input.format: {wanted}")
             _check_columns(str(f), names, cfg)
             # Binary columns: every cell is kept as written and decoded later with bad UTF-8 replaced,
             # so neither type inference nor a stray byte can fail the read.
@@ -463,6 +468,10 @@ def _open_hf(cfg: InputConfig, files: list[Path]):
         return datasets.load_dataset(cfg.path, split=cfg.hf_split, streaming=True)
     except Exception as err:  # the hub client raises many types (network, auth, unknown split or name)
         reason = _one_line(err)
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            reason += "; HF_HUB_OFFLINE is set: only datasets in the local cache can be opened"
         raise InputError(f"{cfg.path}: cannot open Hugging Face dataset, split {cfg.hf_split!r} ({reason})") from None
 
 

@@ -111,6 +111,17 @@ def _parquet_named_csv(d: Path) -> tuple[dict, str]:
     return {"path": str(p)}, f"{p}: read as csv, but the file holds Parquet; set input.format: parquet"
 
 
+def _jsonl_named_csv(d: Path) -> tuple[dict, str]:
+    (p := d / "in.csv").write_text('{"url": "http://e.com/1.jpg", "caption": "one"}\n')
+    return {"path": str(p)}, f"{p}: read as csv, but the file holds JSON lines; set input.format: jsonl"
+
+
+def _csv_declared_tsv(d: Path) -> tuple[dict, str]:
+    (p := d / "in.csv").write_text(ROWS)
+    return {"path": str(p), "format": "tsv"}, (f"{p}: read as tsv, but its header line is split by ','; "
+                                               "set input.format: csv")
+
+
 def _jsonl_broken_on_line_3(d: Path) -> tuple[dict, str]:
     (p := d / "in.jsonl").write_text('{"url": "http://e.com/1.jpg", "caption": "one"}\n\n'
                                      '{"url": "http://e.com/2.jpg", "caption": "two"\n')
@@ -130,7 +141,8 @@ def _csv_quote_closed_by_the_next(d: Path) -> tuple[dict, str]:
 
 
 BAD_INPUTS = [_empty_parquet, _header_only_csv, _empty_folder, _no_url_column, _caption_named_otherwise,
-              _csv_named_parquet, _csv_declared_parquet, _parquet_named_csv, _jsonl_broken_on_line_3,
+              _csv_named_parquet, _csv_declared_parquet, _parquet_named_csv, _jsonl_named_csv, _csv_declared_tsv,
+              _jsonl_broken_on_line_3,
               _csv_quote_never_closed, _csv_quote_closed_by_the_next]
 
 
@@ -152,10 +164,16 @@ def test_unreachable_hub_is_one_line_at_once(tmp_path, no_run, capsys, monkeypat
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # discard port: refused at once
-    cfg = write_config(tmp_path / "run.yaml", {"path": "someone/faces", "format": "hf"})
+    cfg = write_config(tmp_path / "run.yaml", {"path": "someone/no-such-facedata-test-set", "format": "hf"})
     message = cli_error(capsys, "run", str(cfg), "--output", str(tmp_path / "out"))
-    assert message.startswith("someone/faces: cannot reach the Hugging Face Hub at http://127.0.0.1:9 (")
+    assert message.startswith("someone/no-such-facedata-test-set: cannot reach the Hugging Face Hub at http://127.0.0.1:9 (")
     assert message.endswith("set HF_HUB_OFFLINE=1 to read a cached dataset, or give a dataset saved with save_to_disk")
+    # Offline mode: no Hub to ask; a dataset not in the local cache is one line too.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    message = cli_error(capsys, "run", str(cfg), "--output", str(tmp_path / "out"))
+    assert message.startswith("someone/no-such-facedata-test-set: cannot open Hugging Face dataset, split 'train' (")
+    assert message.endswith("HF_HUB_OFFLINE is set: only datasets in the local cache can be opened)")
 
 
 def test_output_that_is_a_file_or_under_one(tmp_path, no_run, capsys):
