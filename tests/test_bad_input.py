@@ -164,15 +164,16 @@ def test_unreachable_hub_is_one_line_at_once(tmp_path, no_run, capsys, monkeypat
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # discard port: refused at once
-    cfg = write_config(tmp_path / "run.yaml", {"path": "someone/no-such-facedata-test-set", "format": "hf"})
+    name = "someone/no-such-facedata-test-set"
+    cfg = write_config(tmp_path / "run.yaml", {"path": name, "format": "hf"})
     message = cli_error(capsys, "run", str(cfg), "--output", str(tmp_path / "out"))
-    assert message.startswith("someone/no-such-facedata-test-set: cannot reach the Hugging Face Hub at http://127.0.0.1:9 (")
+    assert message.startswith(f"{name}: cannot reach the Hugging Face Hub at http://127.0.0.1:9 (")
     assert message.endswith("set HF_HUB_OFFLINE=1 to read a cached dataset, or give a dataset saved with save_to_disk")
     # Offline mode: no Hub to ask; a dataset not in the local cache is one line too.
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     message = cli_error(capsys, "run", str(cfg), "--output", str(tmp_path / "out"))
-    assert message.startswith("someone/no-such-facedata-test-set: cannot open Hugging Face dataset, split 'train' (")
+    assert message.startswith(f"{name}: cannot open Hugging Face dataset, split 'train' (")
     assert message.endswith("HF_HUB_OFFLINE is set: only datasets in the local cache can be opened)")
 
 
