@@ -732,10 +732,11 @@ def _entries(folder: Path) -> Iterator[tuple[str, bool]]:
             yield base.as_posix(), True
 
 
-def _keep_foreign(dest: Path, tmp: Path, owned: set[str]) -> list[str]:
+def _keep_foreign(dest: Path, tmp: Path, owned: set[str], symlink: bool = False) -> list[str]:
     """Hard-link every entry of DEST that the earlier publish did not write (a search index, a user's file)
     into the new publish at `tmp`, at the same path, so the swap keeps it; returns their paths. Refuses
-    (deleting nothing) when the new publish writes a file at one of those paths or no link can be made."""
+    (deleting nothing) when the new publish writes a file at one of those paths or no link can be made.
+    `symlink`: symbolic links instead (a dry run's temporary folder, maybe on another disk)."""
     made = {parent.as_posix() for rel in owned for parent in Path(rel).parents}  # the folders it made
     foreign = [(rel, empty_dir) for rel, empty_dir in _entries(dest)
                if rel not in owned and not (empty_dir and rel in made)]
@@ -754,7 +755,10 @@ def _keep_foreign(dest: Path, tmp: Path, owned: set[str]) -> list[str]:
                 target.mkdir(parents=True, exist_ok=True)
             else:
                 target.parent.mkdir(parents=True, exist_ok=True)
-                os.link(dest / rel, target, follow_symlinks=False)
+                if symlink:
+                    os.symlink(os.path.abspath(dest / rel), target)
+                else:
+                    os.link(dest / rel, target, follow_symlinks=False)
         except OSError as err:
             raise NotAPublishError(f"{dest / rel}: not written by the earlier publish, and it cannot be kept in the"
                                    f" new one ({err.strerror or err}); nothing was touched: move it out of {dest}"
@@ -979,6 +983,8 @@ def publish_run(run_dir: Path, dest: Path, *, overwrite: bool = False, skip_part
         manifest["files"] = dict(sorted(files.items()))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
         if dry_run:
+            if earlier is not None:  # what the swap would keep, so that the plan shows it too
+                _keep_foreign(dest, tmp, _owned(earlier), symlink=True)
             if on_built is not None:
                 on_built(tmp)
             shutil.rmtree(tmp)

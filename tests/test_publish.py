@@ -533,6 +533,16 @@ def test_dry_run_writes_nothing(demo_run, tmp_path, quick_card, capsys):
     assert again["manifest"]["status"] == "unchanged" and again["upload"]["files"] == hub["upload"]["files"]
     assert fs_state(tmp_path) == before
 
+    # A file the staging folder holds besides the publish stays there, so it goes up too: the plan says so.
+    (staging / "notes.txt").write_text("mine")
+    before = fs_state(tmp_path)
+    capsys.readouterr()
+    other = publish.publish(run, repo="someone/faces", dry_run=True, progress=False, samples_per_shard=8)
+    assert other["manifest"]["status"] == "dry run"
+    assert other["upload"]["files"] == len(other["manifest"]["files"]) + 2  # + manifest.json, notes.txt
+    assert " notes.txt\n" in capsys.readouterr().out
+    assert fs_state(tmp_path) == before
+
 
 def test_licence_column_of_the_input_is_published():
     record = {"key": "000000007", "url": "https://example.org/a.jpg", "caption": "a face", "face_caption": "x",
