@@ -46,6 +46,8 @@ def print_table(result: dict) -> None:
         coverage = "-" if e.get("coverage") is None else f"{e['coverage']:.2f}"
         values = ", ".join(f"{v} {c['right']}/{c['stated']}" for v, c in (e.get("by_value") or {}).items())
         note = f"left out: {e['why']}" if e.get("threshold") is None else values
+        if e.get("values_left_out"):
+            note += f"; not stated: {', '.join(e['values_left_out'])} ({e['values_left_out_why']})"
         at = f" (at {e['would_be']:.2f}: {values})" if e.get("would_be") is not None else ""
         print(f"{name:<12}{e.get('n', 0):>5}{threshold:>11}{e.get('stated', 0):>8}{precision:>11}{coverage:>10}  {note}{at}")
 

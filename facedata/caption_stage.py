@@ -78,10 +78,12 @@ def thresholds(cfg: AttributeConfig) -> dict[str, float]:
     """Confidence each kept attribute needs; attributes not asked for are absent. A threshold set
     in the config wins; then, when `calibrated`, the one measured on labelled faces
     (facedata/attributes/calibration.json), where an attribute no threshold made reliable is left
-    out unless `include` names it; then min_confidence."""
-    from facedata.attributes.calibration import default_thresholds
+    out unless `include` names it; then min_confidence. A calibrated attribute's values that too
+    few labelled faces show (gray, white and red hair) get a key "name=value" with NEVER."""
+    from facedata.attributes.calibration import default_thresholds, withheld_values
 
     calibrated = default_thresholds() if cfg.calibrated else {}
+    withheld = withheld_values() if cfg.calibrated else {}
     wanted = cfg.include if cfg.include is not None else list(ATTRIBUTES)
     needed = {}
     for name in wanted:
@@ -89,13 +91,21 @@ def thresholds(cfg: AttributeConfig) -> dict[str, float]:
             needed[name] = cfg.thresholds[name]
         elif calibrated.get(name) is not None:
             needed[name] = calibrated[name]
+            needed.update({f"{name}={value}": NEVER for value in withheld.get(name, ())})
         elif name not in calibrated or cfg.include is not None:
             needed[name] = cfg.min_confidence
     return needed
 
 
+# A threshold no confidence reaches: that attribute value is never stated.
+NEVER = 1.01
+
+
 def confident(predicted: dict[str, Prediction], needed: dict[str, float]) -> dict[str, Prediction]:
-    return {name: p for name, p in predicted.items() if name in needed and p.confidence >= needed[name]}
+    return {
+        name: p for name, p in predicted.items()
+        if name in needed and p.confidence >= max(needed[name], needed.get(f"{name}={p.value}", 0.0))
+    }  # fmt: skip
 
 
 def described_faces(faces: list[dict], primary: int | None, max_faces: int) -> list[int]:

@@ -17,9 +17,10 @@ from conftest import REPO
 from facedata.attributes import _load
 from facedata.attributes.calibration import (
     CALIBRATION_FILE, MEASURED, MIN_STATEMENTS, TARGET_PRECISION, at_threshold, default_thresholds, labelled_faces,
-    predict, read_hand_labels, statements,
+    predict, read_hand_labels, statements, withheld_values,
 )  # fmt: skip
-from facedata.caption_stage import thresholds
+from facedata.attributes.base import Prediction
+from facedata.caption_stage import NEVER, confident, thresholds
 from facedata.config import AttributeConfig
 
 LABELS = REPO / "tests" / "data" / "attribute_labels.csv"
@@ -35,7 +36,6 @@ def test_hand_labels_are_well_formed():
     rows = read_hand_labels(LABELS)
     assert len(rows) >= 80
     assert all(row["labels"] for row in rows)
-    # Each labelled yes/no attribute has faces with and without it, or none of one kind.
     images = {row["image"] for row in rows}
     assert any(image.startswith("insightface") for image in images) and any("_sheet" in image for image in images)
 
@@ -45,7 +45,7 @@ def test_shipped_thresholds_keep_statements_right(measured):
     needed = thresholds(AttributeConfig())
     checked = []
     for name, threshold in needed.items():
-        if name in MEASURED:
+        if name in MEASURED or "=" in name:  # "hair_color=gray": a value never stated
             continue
         r = at_threshold(statements(faces, preds, name), threshold)
         assert r["stated"] >= MIN_STATEMENTS, (name, r)
@@ -81,6 +81,21 @@ def test_unreliable_attributes_are_left_out_by_default(measured):
     # restores min_confidence for every attribute.
     assert thresholds(AttributeConfig(include=["beard", "gender"])) == {"beard": 0.85, "gender": shipped["gender"]}
     assert set(thresholds(AttributeConfig(calibrated=False)).values()) == {0.85}
+
+
+def test_values_too_few_faces_show_are_not_stated():
+    """Gray, white and red hair: one labelled face allows each, so the colours the set can check
+    (black, brown, blond) are stated and those are not."""
+    needed = thresholds(AttributeConfig())
+    assert withheld_values()["hair_color"] == ["red", "gray", "white"]
+    assert {needed[f"hair_color={v}"] for v in ("red", "gray", "white")} == {NEVER}
+    brown, gray = Prediction("brown", 0.999), Prediction("gray", 0.999)
+    assert confident({"hair_color": brown}, needed) == {"hair_color": brown}
+    assert confident({"hair_color": gray}, needed) == {}
+    # A threshold of your own, or calibrated: false, states every value again.
+    assert confident({"hair_color": gray}, thresholds(AttributeConfig(thresholds={"hair_color": 0.9}))) == {
+        "hair_color": gray}
+    assert confident({"hair_color": gray}, thresholds(AttributeConfig(calibrated=False))) == {"hair_color": gray}
 
 
 def test_calibration_table_is_what_the_set_gives(measured):

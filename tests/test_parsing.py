@@ -115,9 +115,10 @@ def test_int8_parser_agrees_with_float(openpeople_faces, openpeople, model):
                 assert int8[name].value == flt[name].value, name
             flips += sure_int8 != sure_float
             assert int8[name].confidence == pytest.approx(flt[name].confidence, abs=0.25), name
-    # Measured: 343 confident pairs, all the same (so is every value); one hair length crosses
-    # 0.85 (0.69 -> 0.87); confidences within 0.18.
-    assert confident >= 330 and flips <= 3
+    # Measured: 315 confident pairs, all the same (so is every value; 343 when absent accessories
+    # had a constant 0.96: their confidences now come from the maps, and some sit below 0.85);
+    # one hair length crosses 0.85 (0.69 -> 0.87); confidences within 0.18.
+    assert confident >= 300 and flips <= 4
     # Measured: 99.8% of the pixels of the first 8 faces' maps get the same class (99.7% at worst).
     same = [
         (a.labels == b.labels)[a.inside].mean()

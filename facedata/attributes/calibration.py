@@ -371,12 +371,36 @@ def calibrate(faces: list[LabelledFace], preds: list[dict[str, Prediction]], nam
                      "why": HELD_OUT_FAILURES[name]}
         else:
             entry = {"threshold": chosen, **at_threshold(rows, chosen)}
+            if ATTRIBUTES[name].kind == "category":
+                allowed = label_allows(faces, name)
+                rare = [v for v in ATTRIBUTES[name].values if allowed.get(v, 0) < MIN_PER_VALUE]
+                if rare:
+                    # A value almost no labelled face shows cannot be checked: not stated either.
+                    entry["values_left_out"] = rare
+                    entry["values_left_out_why"] = (f"fewer than {MIN_PER_VALUE} labelled faces whose label allows "
+                                                    "the value: " + ", ".join(f"{v} {allowed.get(v, 0)}" for v in rare))
         table[name] = entry
     return table
 
 
+def label_allows(faces: list[LabelledFace], name: str) -> dict[str, int]:
+    """How many faces' labels of `name` allow each value."""
+    counts: dict[str, int] = {}
+    for f in faces:
+        for value in f.labels.get(name) or ():  # type: ignore[union-attr]
+            counts[value] = counts.get(value, 0) + 1
+    return counts
+
+
 def load_calibration(path: Path = CALIBRATION_FILE) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {"attributes": {}}
+
+
+def withheld_values(path: Path = CALIBRATION_FILE) -> dict[str, list[str]]:
+    """attribute -> the values of it that are not stated by default (too few labelled faces
+    show them to measure them)."""
+    return {name: entry["values_left_out"] for name, entry in load_calibration(path).get("attributes", {}).items()
+            if entry.get("values_left_out")}  # fmt: skip
 
 
 def default_thresholds(path: Path = CALIBRATION_FILE) -> dict[str, float | None]:

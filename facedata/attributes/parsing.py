@@ -7,12 +7,18 @@ the ResNet's 1/8 feature standing in for the spatial path (the trained model dro
 spatial path), a feature fusion module and the output head. The two auxiliary heads exist only so
 that the state dict loads strictly; inference never runs them.
 
-How far the attributes can be trusted (tests/test_parsing.py has the measurements): hair colour
-and length agree with the openpeople descriptions, an open mouth and a dark beard are clear on
-the map; but the CelebA-HQ crop ends just below the chin, so "long" means at least shoulder
-length, and hair tied back reads as short. Bangs were seen on one photo. No packaged photo shows
-eyeglasses, a hat, earrings or a necklace: those thresholds are untested on real positives, and
-the parser calls some things above a head hats. A light beard on light skin is not seen.
+How far the attributes can be trusted (tests/test_parsing.py, and the precision of each
+attribute's statements in calibration.json, benchmarks/calibrate_attributes.py): hair colour
+agrees with the labels, an open mouth and a dark beard are clear on the map; but the CelebA-HQ
+crop ends just below the chin, so "long" means at least shoulder length, and hair tied back reads
+as short. Bangs were seen on one photo. No packaged photo shows a hat, earrings or a necklace
+(one shows glasses, on a face too small to parse), and the parser calls some things above a head
+hats (big curly hair, crowds): those are left out of captions by default. A light beard on light
+skin is not seen, nor (on held-out photos) a moustache alone.
+
+Glasses, hat, earrings and necklace are judged from the network's own per-pixel probability of
+the class (it returns those four maps with the labels), so "absent" is as sure as the network is
+that nothing in the region is that thing, face by face.
 """
 
 from __future__ import annotations
@@ -256,11 +262,12 @@ ACCESSORY_CLASSES = (EYEGLASSES, HAT, EARRING, NECKLACE)
 # profiles, backs of heads (the detector finds some on character sheets) and blurred 40-px faces
 # in a crowd below.
 _MIN_FACE_PARTS = 0.45
+# The least area that counts as wearing each accessory (the k of _top_mean):
 _EYEGLASSES_SHARE = 0.05  # of the box around the eyes
-# Of the region above the brows. No packaged photo shows a hat; a crowd behind a 44-px face and
-# caption bars cutting into hair reach 0.26-0.6 (the parser calls them hats).
+# Of the region above the brows. No packaged photo shows a hat; a crowd behind a 44-px face,
+# caption bars cutting into hair and big curly hair reach probabilities of 0.5-0.79 over it.
 _HAT_SHARE = 0.25
-_EARRING_AMOUNT = 0.002  # pixels per squared eye distance
+_EARRING_AMOUNT = 0.002  # pixels per squared eye distance, anywhere in the crop
 _NECKLACE_AMOUNT = 0.01
 _BANGS_SHARE = 0.4  # hair's share of the forehead band above the brows: astronaut's fringe 0.78, others <= 0.05
 _MIN_LIPS = 0.03  # lips and mouth must show to judge the mouth
