@@ -169,11 +169,12 @@ def _fill(template: str, config: dict) -> str:
     return re.sub(r"\{([a-z_.]+)\}", lambda m: _fmt(_get(config, m.group(1), "?")), template)
 
 
-def reason(status: str, config: dict) -> str:
-    """One phrase saying why a sample with this status was dropped."""
+def reason(status: str, config: dict, declared: dict | None = None) -> str:
+    """One phrase saying why a sample with this status was dropped (`declared`: what a user's steps
+    say their statuses mean)."""
     if status.startswith("http_"):
         return f"the server answered HTTP {status[5:]}"
-    return _fill(REASONS.get(status, status.replace("_", " ")), config)
+    return _fill(REASONS.get(status) or (declared or {}).get(status) or status.replace("_", " "), config)
 
 
 def _fmt(value: Any) -> str:
@@ -793,7 +794,8 @@ def _funnel_section(summary: dict, config: dict, funnel_png: Path | None) -> lis
         ordered = sorted(by_status.items(), key=lambda kv: (-kv[1], kv[0]))
         rows.append([stage.get("stage", "?"), kept, dropped, _pct(kept, start), _pct(dropped, before) if dropped else "0.0%",
                      ", ".join(f"{s} {n}" for s, n in ordered) or "-"])
-        why += [[stage.get("stage", "?"), f"`{s}`", n, _pct(n, start), reason(s, config)] for s, n in ordered]
+        why += [[stage.get("stage", "?"), f"`{s}`", n, _pct(n, start), reason(s, config, stage.get("reasons"))]
+                for s, n in ordered]
     lines = ["## Filtering funnel", "",
              f"Of {start:,} input rows, {funnel[-1].get('kept', 0):,} ({_pct(funnel[-1].get('kept', 0), start)}) "
              "were published. Each stage keeps or drops a sample with exactly one status, the first reason found; "

@@ -272,6 +272,13 @@ class OutputConfig(_Section):
     contact_sheet_max: int = Field(48, gt=0)
 
 
+class StepEntry(_Section):
+    """A user's step in `steps`: its import path and options."""
+
+    step: str = Field(description="package.module:Class or path/to/file.py:Class (a facedata.step.ShardStep)")
+    options: dict = {}
+
+
 class Config(_Section):
     input: InputConfig
     shards: ShardConfig = ShardConfig()
@@ -285,6 +292,22 @@ class Config(_Section):
     publish: PublishConfig = PublishConfig()
     runner: RunnerConfig = RunnerConfig()
     output: OutputConfig = OutputConfig()
+    # The steps in order: the built-in ones (download, faces, identity, captions) and a user's own
+    # (see facedata/step.py), e.g. [download, faces, {step: my_filters.py:SharpEnough}, identity,
+    # captions]. None: the built-in steps. A built-in step is switched off in its own section.
+    steps: list[str | StepEntry] | None = None
+
+    @field_validator("steps")
+    @classmethod
+    def _valid_steps(cls, steps: list | None) -> list | None:
+        if steps is not None:
+            from facedata.step import StepError, check_steps
+
+            try:
+                check_steps(steps)
+            except StepError as err:
+                raise ValueError(str(err)) from None
+        return steps
 
 
 class _DuplicateKey(yaml.YAMLError):
@@ -328,7 +351,7 @@ def _first_error(source: str, err: ValidationError) -> ConfigError:
         msg = "required key is missing"
     else:
         msg = msg.removeprefix("Value error, ").replace("Input should be ", "expected ", 1)
-        if "input" in e and not isinstance(e["input"], dict):
+        if "input" in e and not isinstance(e["input"], (dict, list)):
             msg += f" (got {e['input']!r})"
     return ConfigError(f"{source}: {loc}: {msg}")
 

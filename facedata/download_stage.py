@@ -12,12 +12,12 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from facedata import records
 from facedata.config import Config
 from facedata.downloader import Downloader
 from facedata.imaging import process_image
+from facedata.progress import progress_bar
 from facedata.reader import ShardPlan
 from facedata.fingerprints import Fingerprint, reusable, step_fingerprints
 from facedata.run_layout import RunLayout
@@ -98,8 +98,8 @@ def run_download_shard(plan: ShardPlan, cfg: Config, run_dir: Path, progress: bo
     # Bound the samples in flight so memory stays flat however large the shard is.
     max_in_flight = 4 * cfg.download.concurrency
     try:
-        with Downloader(cfg.download) as downloader, ThreadPoolExecutor(cfg.download.concurrency) as pool, tqdm(
-            total=len(samples), desc=f"shard {plan.shard_id:05d}", unit="img", disable=not progress, leave=False
+        with Downloader(cfg.download) as downloader, ThreadPoolExecutor(cfg.download.concurrency) as pool, progress_bar(
+            total=len(samples), desc=f"shard {plan.shard_id:05d}", unit="img", progress=progress, leave=False
         ) as bar:
             pending = set()
             queue = iter(samples)

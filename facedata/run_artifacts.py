@@ -52,6 +52,14 @@ STAGES = {
     "faces": ("images", "n_analyzed", "face_status_counts"),
     "captions": ("images", "n_described", "caption_status_counts"),
 }
+
+
+def _stage_fields(stage: str) -> tuple[str, str, str]:
+    """(unit, the stats field of items seen, the stats field of statuses given) of a stage; a
+    user's step (facedata.step) writes the last two under these names."""
+    return STAGES.get(stage, ("samples", "n_samples", "step_status_counts"))
+
+
 # The markdown report's images: (summary field, heading).
 REPORT_IMAGES = (
     ("contact_sheet", "Contact sheet: kept samples, faces boxed"),
@@ -68,6 +76,7 @@ def artifact_key(run_dir: str | Path, suffix: str) -> str:
     Keys name an artifact across runs (Prefect keeps each run's version), so runs written to a
     directory of the same name share theirs."""
     slug = re.sub(r"[^a-z0-9]+", "-", Path(run_dir).resolve().name.lower()).strip("-")[:60].strip("-")
+    suffix = re.sub(r"[^a-z0-9]+", "-", suffix.lower()).strip("-")  # e.g. a user's step_name-progress
     return f"facedata-{slug or 'run'}-{suffix}"
 
 
@@ -147,7 +156,7 @@ class RunProgress:
 
     def open(self, stage: str, n_shards: int) -> StageProgress:
         """Start counting a stage of `n_shards` shard tasks (and its progress artifact, in a flow run)."""
-        progress = StageProgress(stage, STAGES[stage][0], n_shards)
+        progress = StageProgress(stage, _stage_fields(stage)[0], n_shards)
         if _in_flow_run():
             progress.artifact_id = create_progress_artifact(
                 progress=progress.percent,
@@ -161,7 +170,7 @@ class RunProgress:
         """Count a shard the stage finished, from the stats its task returned."""
         progress = self.stages[stage]
         now = self.clock()
-        _, items_field, counts_field = STAGES[stage]
+        _, items_field, counts_field = _stage_fields(stage)
         progress.shards_done += 1
         progress.n_items += stats[items_field]
         progress.n_kept += stats[counts_field].get(records.OK, 0)

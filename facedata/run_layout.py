@@ -8,6 +8,7 @@ run was made under with each step's fingerprint, and the run's reports. Modules 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,3 +69,19 @@ class RunLayout:
     def identity_report(self) -> Path:
         """Written last by the identity step: marks it done."""
         return self.step_dir("identity") / "identity.json"
+
+    def step_order(self) -> list[str]:
+        """The run's steps in order, as its last start recorded them (the built-in ones before
+        steps were recorded)."""
+        try:
+            return list(json.loads(self.fingerprints_file.read_text())["order"])
+        except FileNotFoundError:
+            return [step for step in STEP_DIRS if self.step_dir(step).is_dir()]
+
+    def latest_step(self, shard_id: int) -> str | None:
+        """The last step in the run's order that has finished this shard (None: not even downloaded)."""
+        for step in reversed(self.step_order()):
+            done = self.identity_report.exists() if step == "identity" else self.stats_file(step, shard_id).exists()
+            if done and self.records_file(step, shard_id).exists():
+                return step
+        return None

@@ -18,6 +18,7 @@ import json
 import os
 import tarfile
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -59,6 +60,22 @@ def _umask() -> int:
     return 0o022
 
 
+# Temp files being written now, so that an interrupted process can remove them before it exits.
+_IN_FLIGHT: set[Path] = set()
+_IN_FLIGHT_LOCK = threading.Lock()
+
+
+def discard_in_flight() -> int:
+    """Remove every temp file an atomic write has open (for a process about to exit at once, e.g.
+    on Ctrl-C); returns how many. The outputs they would have become stay as they were."""
+    with _IN_FLIGHT_LOCK:
+        paths = list(_IN_FLIGHT)
+        _IN_FLIGHT.clear()
+    for path in paths:
+        path.unlink(missing_ok=True)
+    return len(paths)
+
+
 class atomic_path:
     """Context manager giving a temp path beside `path`; renamed onto `path` only on success.
 
@@ -74,9 +91,13 @@ class atomic_path:
         fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         os.close(fd)
         self.tmp = Path(name)
+        with _IN_FLIGHT_LOCK:
+            _IN_FLIGHT.add(self.tmp)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        with _IN_FLIGHT_LOCK:
+            _IN_FLIGHT.discard(self.tmp)
         if exc_type is None:
             os.chmod(self.tmp, 0o666 & ~_umask())
             os.replace(self.tmp, self.path)

@@ -100,8 +100,39 @@ def summarize_run(run_dir: Path, faces: bool) -> dict:
     caption_stats_files = {i: p for i, p in _stats_files(layout.step_dir("captions")).items() if i in downloads} if faces else {}
     if caption_stats_files:
         _add_captions(summary, funnel, run_dir, caption_stats_files, len(downloads))
+    _add_user_steps(summary, funnel, layout, downloads)
     summary["funnel"] = funnel
     return summary
+
+
+def _add_user_steps(summary: dict, funnel: list[dict], layout: RunLayout, downloads: dict) -> None:
+    """A funnel row for each of a user's steps (facedata.step), after the step it follows, with the
+    meaning of each status it gives; the last step's records are the run's final result."""
+    from facedata.step import BUILTIN_STEPS
+
+    if not layout.fingerprints_file.exists():
+        return
+    order = layout.step_order()
+    for position, step in enumerate(order):
+        if step in BUILTIN_STEPS:
+            continue
+        shard_stats = [json.loads(p.read_text()) for i, p in _stats_files(layout.step_dir(step)).items() if i in downloads]
+        counts: Counter = Counter()
+        for stats in shard_stats:
+            counts.update(stats["step_status_counts"])
+        kept = counts.get(records.OK, 0)
+        row = {"stage": step, "kept": kept, "dropped": sum(counts.values()) - kept, "dropped_by_status": _drops(counts),
+               "reasons": shard_stats[0]["reasons"] if shard_stats else {}, "shards_done": len(shard_stats)}
+        earlier = set(order[:position])
+        at = max((i for i, r in enumerate(funnel) if r["stage"] in earlier or r["stage"] == "input"), default=0)
+        funnel.insert(at + 1, row)
+        summary.setdefault("step_reasons", {}).update(row["reasons"])
+        if position == len(order) - 1 and shard_stats:
+            final: Counter = Counter()
+            for stats in shard_stats:
+                final.update(stats["status_counts"])
+            summary["status_counts"] = dict(final.most_common())
+            summary["n_ok"] = final.get(records.OK, 0)
 
 
 def _add_captions(summary: dict, funnel: list[dict], run_dir: Path, stats_files: dict[int, Path], n_shards: int) -> None:
@@ -237,16 +268,15 @@ def iter_kept_samples(
     layout = RunLayout(run_dir)
     produced = 0
     for shard_id in _stats_files(layout.step_dir("download")):
+        # The shard's latest records: a step after captions (a user's filter) may drop more.
+        step = layout.latest_step(shard_id)
+        table = pq.read_table(layout.records_file(step, shard_id))
         columns = ["key", "status", "caption", "ext"]
-        if not faces:
-            step = "download"
-        elif layout.stats_file("captions", shard_id).exists():
-            step = "captions"
-            columns += ["width", "height", "faces", "face_caption", "face_attributes"]
-        else:
-            step = "identity" if layout.identity_report.exists() else "faces"
+        if faces and "faces" in table.column_names:
             columns += ["width", "height", "faces"]
-        table = pq.read_table(layout.records_file(step, shard_id), columns=columns)
+            if "face_caption" in table.column_names:
+                columns += ["face_caption", "face_attributes"]
+        table = table.select(columns)
         kept = {row["key"]: row for row in table.to_pylist() if row["status"] == records.OK}
         images: dict[str, bytes] = {}
         with tarfile.open(layout.images_tar(shard_id)) as tar:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -94,34 +95,59 @@ def publish_task(cfg: Config, run_dir: str, progress: bool) -> dict:
     return publish(run_dir, cfg, progress)
 
 
+@task(name="user-step-shard", cache_policy=NO_CACHE, task_run_name="{step}-shard-{shard_id:05d}")
+def user_step_task(step: str, shard_id: int, previous: dict | None, cfg: Config, run_dir: str,
+                   fingerprint: Fingerprint) -> dict:
+    # `previous` (the step before's stats) is taken only so Prefect runs this task after it.
+    from facedata.step import pipeline, run_shard_step, source_of
+
+    return run_shard_step(dict(pipeline(cfg))[step], shard_id, Path(run_dir), source_of(cfg, step), fingerprint)
+
+
 def _submit_shards(
-    plans: list[ShardPlan], cfg: Config, run_dir: str, progress: bool, fingerprints: dict[str, Fingerprint]
+    plans: list[ShardPlan], steps: list[str], cfg: Config, run_dir: str, progress: bool,
+    fingerprints: dict[str, Fingerprint],
 ) -> list[tuple[str, ShardPlan, PrefectFuture]]:
-    """Queue every shard's tasks; returns (stage, plan, future) for each.
+    """Queue every shard's tasks for `steps` (shard steps, in order: each shard's task of a step
+    takes the task of the step before as its input); returns (step, plan, future) for each.
 
     The task runner's workers take tasks in the order they were queued, so each shard's face task
     is queued `max_workers` downloads after its own download: by the time a worker picks it up,
     that download has usually finished, and the downloads queued after it keep the network busy
     while it runs. (Queuing all downloads first would hold every face task back to the last one.)
     """
-    download = download_shard_task.with_options(retries=cfg.runner.task_retries)
-    faces = face_shard_task.with_options(retries=cfg.runner.task_retries)
+    retries = cfg.runner.task_retries
+    tasks = {"download": download_shard_task, "faces": face_shard_task, "captions": caption_shard_task}
+    tasks = {name: t.with_options(retries=retries) for name, t in tasks.items()}
+    user = user_step_task.with_options(retries=retries)
     submitted: list[tuple[str, ShardPlan, PrefectFuture]] = []
-    downloads: list[PrefectFuture] = []
+    last: list[PrefectFuture | None] = [None] * len(plans)
 
-    def queue_faces(i: int) -> None:
-        submitted.append(("faces", plans[i], faces.submit(plans[i], downloads[i], cfg, run_dir, progress,
-                                                          fingerprints["faces"])))
+    def submit(step: str, plan: ShardPlan, previous: PrefectFuture | None) -> PrefectFuture:
+        fp = fingerprints[step]
+        if step == "download":
+            return tasks[step].submit(plan, cfg, run_dir, progress, fp)
+        if step == "faces":
+            return tasks[step].submit(plan, previous, cfg, run_dir, progress, fp)
+        if step == "captions":
+            return tasks[step].submit(plan.shard_id, cfg, run_dir, progress, fp,
+                                      wait_for=[previous] if previous is not None else None)
+        return user.submit(step, plan.shard_id, previous, cfg, run_dir, fp)
 
-    lag = cfg.runner.max_workers
-    for i, plan in enumerate(plans):
-        downloads.append(download.submit(plan, cfg, run_dir, progress, fingerprints["download"]))
-        submitted.append(("download", plan, downloads[i]))
-        if cfg.faces.enabled and i >= lag:
-            queue_faces(i - lag)
-    if cfg.faces.enabled:
-        for i in range(max(0, len(plans) - lag), len(plans)):
-            queue_faces(i)
+    def queue(i: int, chain: list[str]) -> None:
+        for step in chain:
+            last[i] = submit(step, plans[i], last[i])
+            submitted.append((step, plans[i], last[i]))
+
+    split = steps.index("faces") if "faces" in steps else len(steps)
+    before_faces, from_faces = steps[:split], steps[split:]
+    lag = cfg.runner.max_workers if from_faces else 0
+    for i in range(len(plans)):
+        queue(i, before_faces)
+        if from_faces and i >= lag:
+            queue(i - lag, from_faces)
+    for i in range(max(0, len(plans) - lag), len(plans)):
+        queue(i, from_faces)
     return submitted
 
 
@@ -138,20 +164,20 @@ def curate(config: dict, run_dir: str, progress: bool = True, models: dict | Non
     plans = plan_shards_task(cfg, run_dir)
     shard_ids = [plan.shard_id for plan in plans]
     begin_run(layout, config, fingerprints, shard_ids)
+    # Shard steps run per shard, chained; the identity step sees every shard at once: a barrier.
+    steps = list(fingerprints)
+    barrier = steps.index("identity") if "identity" in steps else len(steps)
     tracker = RunProgress(run_dir)
-    tracker.open("download", len(plans))
-    if cfg.faces.enabled:
-        tracker.open("faces", len(plans))
-    failed = tracker.wait(_submit_shards(plans, cfg, run_dir, progress, fingerprints))
-    if cfg.faces.enabled and cfg.identity.enabled and not failed:
+
+    def run_shard_steps(chain: list[str]) -> list[str]:
+        for step in chain:
+            tracker.open(step, len(plans))
+        return tracker.wait(_submit_shards(plans, chain, cfg, run_dir, progress, fingerprints)) if chain else []
+
+    failed = run_shard_steps(steps[:barrier])
+    if not failed and barrier < len(steps):
         identity_task(cfg, run_dir, shard_ids, fingerprints["identity"])
-    if cfg.faces.enabled and cfg.attributes.enabled and not failed:
-        captions = caption_shard_task.with_options(retries=cfg.runner.task_retries)
-        tracker.open("captions", len(plans))
-        failed += tracker.wait(
-            [("captions", plan, captions.submit(plan.shard_id, cfg, run_dir, progress, fingerprints["captions"]))
-             for plan in plans]
-        )
+        failed = run_shard_steps(steps[barrier + 1:])
     try:
         summary = report_task(cfg, run_dir, tracker.stage_seconds())
     except Exception as err:
@@ -213,8 +239,23 @@ def checked_model_infos(cfg: Config) -> dict:
 def run_curation(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
     """Check the input and the models, then run the flow with the task runner the config asks for."""
     check_input(cfg.input)
+    log.info("loading the models and starting Prefect")
+    # Prefect's temporary server starts in its own process: it comes up while the models load. A
+    # daemon thread waits for it, so that a model error is reported without waiting for the server.
+    server_error: list[BaseException] = []
+
+    def start_server() -> None:
+        try:
+            start_api_server()
+        except BaseException as err:  # noqa: BLE001 - re-raised in the flow's thread below
+            server_error.append(err)
+
+    starting = threading.Thread(target=start_server, name="prefect-server-start", daemon=True)
+    starting.start()
     models = checked_model_infos(cfg)
-    start_api_server()
+    starting.join()
+    if server_error:
+        raise server_error[0]
     return curation_flow(cfg)(cfg.model_dump(mode="json"), str(run_dir), progress, models)
 
 

@@ -18,6 +18,7 @@ resumes a run on its temporary server.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import resource
@@ -35,8 +36,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from facedata import records
+from facedata.run_artifacts import artifact_key
 from tests.conftest import REPO, PrefectServer, facedata_cmd
 from tests.test_flow import check_run_consistent, write_config, write_corpus
+from tests.test_run_artifacts import READ_RUN_ARTIFACTS, check_funnel
 
 pytestmark = pytest.mark.slow
 
@@ -248,6 +251,92 @@ def test_flow_killed_mid_run(corpus, reference, env, tmp_path):
 
     rerun(cmd, env, run_dir)
     assert_matches_reference(run_dir, dataset, corpus, reference)
+
+
+def test_ctrl_c_stops_at_once_with_one_line(corpus, reference, env, tmp_path):
+    """Ctrl-C (SIGINT to the run's process group, as a terminal sends it) once a face shard is done:
+    the run stops within seconds with one line and no temp file; the same command again completes
+    it, keeping the finished shards."""
+    run_dir, dataset = tmp_path / "run", tmp_path / "dataset"
+    cmd = run_cmd(corpus, run_dir, dataset)
+    proc = start_run(cmd, env, tmp_path / "run.log")
+    poll(lambda: list((run_dir / "faces").glob("*.stats.json")), "a finished face shard", proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    interrupted = time.perf_counter()
+    assert proc.wait(30) == 130
+    seconds = time.perf_counter() - interrupted
+    log = (tmp_path / "run.log").read_text()
+    # Lines logged before the interrupt stay; after it comes exactly one line, and no traceback.
+    assert log.rstrip().splitlines()[-1] == "facedata: interrupted; rerun the same command to resume"
+    assert "Traceback" not in log and seconds < 10, (seconds, log[-2000:])
+    assert not temp_files(run_dir)
+    assert len(list((run_dir / "shards").glob("*.stats.json"))) < corpus["n_shards"], "the interrupt should land mid-run"
+
+    rerun(cmd, env, run_dir)
+    assert_matches_reference(run_dir, dataset, corpus, reference)
+
+
+# A user's own step, from a file outside the package, named in the config alone (19 lines).
+USER_STEP = """
+from pydantic import BaseModel
+
+from facedata.step import Filter
+
+
+class CaptionWords(Filter):
+    \"\"\"Drops samples whose web caption holds one of the given words.\"\"\"
+
+    name = "caption_words"
+    reasons = {"banned_word": "the web caption holds a word of caption_words.words"}
+
+    class Options(BaseModel):
+        words: list[str] = []
+
+    def keep(self, sample):
+        words = set((sample["caption"] or "").lower().split())
+        return not words & set(self.options.words) or "banned_word"
+"""
+
+
+def test_user_step_runs_resumes_and_shows_everywhere(corpus, env, prefect_server, tmp_path):
+    """A filter written outside the package and named in `steps` runs in the flow between the face
+    and identity steps; killed mid-run, the same command resumes it; its status reaches the records,
+    the funnel, the dataset card and the run's Prefect report."""
+    step_file = tmp_path / "my_steps.py"
+    step_file.write_text(USER_STEP)
+    assert len(USER_STEP.strip().splitlines()) <= 20
+    steps = f"steps=[download, faces, {{step: '{step_file}:CaptionWords', options: {{words: ['2', '5']}}}}, " \
+            "identity, captions]"
+    run_dir, dataset = tmp_path / "run", tmp_path / "dataset"
+    cmd = run_cmd(corpus, run_dir, dataset, steps)
+    proc = start_run(cmd, env, tmp_path / "run.log")
+    poll(lambda: list((run_dir / "caption_words").glob("*.stats.json")), "a finished caption_words shard", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert wait_run(proc) == -signal.SIGKILL
+    assert len(list((run_dir / "caption_words").glob("*.stats.json"))) < corpus["n_shards"], "kill lands mid-run"
+    rerun(cmd, env, run_dir)
+
+    final = check_run_consistent(run_dir, corpus["n_samples"]).to_pylist()
+    faced = {r["key"]: r["status"] for path in sorted((run_dir / "faces").glob("0*.parquet"))
+             for r in pq.read_table(path, columns=["key", "status"]).to_pylist()}
+    banned = {r["key"] for r in final if r["caption"] in ("photo 2", "photo 5") and faced[r["key"]] == records.OK}
+    assert banned and {r["key"] for r in final if r["status"] == "banned_word"} == banned
+    summary = json.loads((run_dir / "summary.json").read_text())
+    stages = [row["stage"] for row in summary["funnel"]]
+    assert stages.index("faces") < stages.index("caption_words") < stages.index("identity")
+    row = summary["funnel"][stages.index("caption_words")]
+    assert row["dropped_by_status"] == {"banned_word": len(banned)}
+    card = (dataset / "README.md").read_text()
+    assert "`banned_word`" in card and "a word of caption_words.words" in card
+    assert not any(r["key"] in banned for r in pq.read_table(dataset / "data").to_pylist())
+
+    found = subprocess.run([sys.executable, "-c", READ_RUN_ARTIFACTS, str(run_dir.resolve())], env=env,
+                           capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert found.returncode == 0, found.stderr[-3000:]
+    artifacts = {a["key"]: a for a in json.loads(found.stdout)["artifacts"]}
+    report = artifacts[artifact_key(run_dir, "report")]["data"]
+    check_funnel(report, summary)
+    assert artifacts[artifact_key(run_dir, "caption_words-progress")]["data"] == 100.0
 
 
 def test_killed_run_stops_its_temporary_prefect_server(corpus, cli_env, tmp_path):

@@ -191,3 +191,91 @@ def test_dry_run_prints_what_would_be_redone(base_run, tmp_path):
 def test_fingerprint_round_trips_through_its_dict():
     fp = step_fingerprints(config_from_dict({"input": {"path": "x"}}), MODELS)["captions"]
     assert Fingerprint(**fp.as_dict()) == fp
+
+
+def test_python_api_opens_a_run(base_run):
+    import facedata
+
+    data, run = base_run
+    table = facedata.open_run(run)
+    assert table.num_rows == 6 and set(table.column("step").to_pylist()) == {"captions"}
+    assert sorted(table.column("key").to_pylist()) == sorted(_records(run, "download")[i]["key"] for i in range(6))
+    assert "face_caption" in table.column_names and "identity_id" in table.column_names
+
+
+USER_STEP = '''
+from pydantic import BaseModel
+
+from facedata.step import Filter
+
+
+class CaptionWords(Filter):
+    name = "caption_words"
+    reasons = {"banned_word": "the web caption holds a word of caption_words.words"}
+
+    class Options(BaseModel):
+        words: list[str] = []
+
+    def keep(self, sample):
+        return not set((sample["caption"] or "").lower().split()) & set(self.options.words) or "banned_word"
+'''
+
+
+def test_a_user_step_appended_runs_alone_and_ends_the_run(base_run, tmp_path):
+    """A user's filter after the caption step: only it runs (the steps before keep their
+    fingerprints), its drops reach the final records, the funnel and the dataset card."""
+    from facedata.publish import publish
+
+    (tmp_path / "my_steps.py").write_text(USER_STEP)
+    step = {"step": f"{tmp_path / 'my_steps.py'}:CaptionWords", "options": {"words": ["selfie"]}}
+    run, redone, summary = _rerun(base_run, tmp_path)  # a fresh copy, nothing redone
+    assert redone == set()
+    data = {**base_run[0], "steps": ["download", "faces", "identity", "captions", step]}
+    import facedata
+
+    before = _stamps(run)
+    summary = facedata.curate(data, run)
+    assert _redone(before, _stamps(run)) == set()
+    table = facedata.open_run(run)
+    assert set(table.column("step").to_pylist()) == {"caption_words"}
+    selfies = {r["key"] for r in table.to_pylist() if "selfie" in r["caption"]}
+    assert selfies and {r["key"] for r in table.to_pylist() if r["status"] == "banned_word"} == selfies
+    assert summary["funnel"][-1]["stage"] == "caption_words"
+    assert summary["funnel"][-1]["dropped_by_status"] == {"banned_word": len(selfies)}
+    assert summary["n_ok"] == 6 - len(selfies)
+    card = (Path(publish(run, tmp_path / "dataset", progress=False)["destination"]) / "README.md").read_text()
+    assert "`banned_word`" in card and "a word of caption_words.words" in card
+    published = [r["key"] for p in (tmp_path / "dataset" / "data").glob("*.parquet") for r in pq.read_table(p).to_pylist()]
+    assert sorted(published) == sorted(set(table.column("key").to_pylist()) - selfies)
+
+    # Its options are part of its fingerprint: a new word list redoes it alone.
+    step["options"]["words"] = ["portrait"]
+    before = _stamps(run)
+    facedata.curate(data, run)
+    assert _redone(before, _stamps(run)) == set()
+    assert len(list((run / "caption_words").glob("*.stats.json"))) == 2
+    assert {r["status"] for r in facedata.open_run(run).to_pylist() if "portrait" in r["caption"]} == {"banned_word"}
+
+
+@pytest.mark.parametrize("steps, message", [
+    (["download", "faces", "captions"], "expected the built-in steps download, faces, identity, captions once each"),
+    (["faces", "download", "identity", "captions"], "expected the built-in steps"),
+    (["download", "faces", "identity", "captions", "nowhere_module:Step"], "cannot import nowhere_module"),
+    (["download", "faces", "identity", "captions", "facedata.step:Filter"], "has no `name`"),
+    (["download", "faces", "identity", "captions", "facedata.config:Config"], "is not a facedata.step.ShardStep"),
+])
+def test_bad_steps_are_one_line_config_errors(steps, message):
+    from facedata.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message) as err:
+        config_from_dict({"input": {"path": "x.parquet"}, "steps": steps})
+    assert "\n" not in str(err.value) and str(err.value).startswith("<config>: steps")
+
+
+def test_bad_user_step_options_are_one_line(tmp_path):
+    from facedata.config import ConfigError
+
+    (tmp_path / "my_steps.py").write_text(USER_STEP)
+    step = {"step": f"{tmp_path / 'my_steps.py'}:CaptionWords", "options": {"words": "x", "other": 1}}
+    with pytest.raises(ConfigError, match=r"step caption_words \(.*\): options.words: expected a valid list$"):
+        config_from_dict({"input": {"path": "x"}, "steps": ["download", "faces", "identity", "captions", step]})

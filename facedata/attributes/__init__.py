@@ -4,9 +4,12 @@ chosen by `attributes.predictors` in the config."""
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
-from facedata.attributes.base import AttributePredictor
 from facedata.config import AttributeConfig, FaceConfig
+
+if TYPE_CHECKING:  # the models' runtimes load with the predictors, not with the vocabulary
+    from facedata.attributes.base import AttributePredictor
 
 
 @functools.lru_cache(maxsize=4)

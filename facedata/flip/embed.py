@@ -277,7 +277,7 @@ def embed_split(flip: FlipCheckpoint | FlipModel, data_dir: str | Path, split: s
     training read them (its data.use_crops and crop_scale; a FlipModel: whole images) unless
     `use_crops`/`crop_scale` say otherwise. `meta_fields`: KEY.json fields to return per sample.
     A missing split or an unreadable sample raises a one-line UserError."""
-    from tqdm import tqdm
+    from facedata.progress import progress_bar
 
     from facedata.flip.data import (
         FaceTextDataset,
@@ -303,7 +303,7 @@ def embed_split(flip: FlipCheckpoint | FlipModel, data_dir: str | Path, split: s
     meta: dict[str, list] = {f: [] for f in meta_fields}
 
     def tensors():
-        with tqdm(total=len(index), desc=f"embed {split}", unit="img", disable=not progress,
+        with progress_bar(total=len(index), desc=f"embed {split}", unit="img", progress=progress,
                   dynamic_ncols=True) as bar:
             for batch in loader:
                 if isinstance(batch, LoadFailure):

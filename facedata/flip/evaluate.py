@@ -523,7 +523,7 @@ def _extract(models: dict[str, torch.nn.Module], loaded: _Loaded, dataset_dir: P
              attributes: Sequence[str], min_confidence: float, batch_size: int, device: torch.device,
              workers: int, limit: int | None, seed: int, progress: bool) -> _SplitData:
     import torch
-    from tqdm import tqdm
+    from facedata.progress import progress_bar
 
     from facedata.flip.data import FaceTextDataset, LoadFailure, _worker_init, collate, index_split
 
@@ -546,7 +546,7 @@ def _extract(models: dict[str, torch.nn.Module], loaded: _Loaded, dataset_dir: P
         batches = [[(int(i), 0) for i in ids[s:s + batch_size]] for s in range(0, len(ids), batch_size)]
         loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=workers, collate_fn=collate,
                                              worker_init_fn=_worker_init if workers else None)
-        for batch in tqdm(loader, total=len(batches), desc=f"features {split}", unit="batch", disable=not progress):
+        for batch in progress_bar(loader, total=len(batches), desc=f"features {split}", unit="batch", progress=progress):
             if isinstance(batch, LoadFailure):
                 raise UserError(batch.message)
             images, tokens = batch[0].to(device), batch[1].to(device)

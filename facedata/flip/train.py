@@ -316,7 +316,7 @@ def train(cfg: TrainConfig, progress: bool = True,
 
     `on_step(step, row)` is called after each step's metrics row is written and before that
     step's checkpoint (an exception there stops the run like a kill would)."""
-    from tqdm import tqdm
+    from facedata.progress import progress_bar
 
     from facedata.flip.model import build_flip_model  # first: it makes torchvision importable
     from open_clip import ClipLoss
@@ -413,7 +413,7 @@ def train(cfg: TrainConfig, progress: bool = True,
         return path
 
     model.train()
-    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not progress,
+    bar = progress_bar(total=total_steps, initial=start_step, desc="train", unit="step", progress=progress,
                dynamic_ncols=True)
     step = start_step
     timed_samples, timed_s = 0, 0.0
