@@ -6,7 +6,8 @@ attribute order and clause joining from `random.Random(seed)`, so the same seed 
 the same caption while a dataset gets varied wording. It says only what the attributes say: an
 absent attribute is never mentioned or guessed, a negative one ("eyeglasses" False) only now and
 then and only when the model was sure, a person whose gender is not known is "a person" and
-"they", and nobody is ever named.
+"they", and nobody is ever named. A group photo's caption says how many people it shows and
+describes each of its described faces (`attributes.max_faces` of them at most), primary first.
 
 `attribute_words` reads a caption back into attribute values ("eyeglasses=True", "age=30s") through
 the same synonym table the composer writes with; `rewrite_caption` keeps a model's rewrite only
@@ -232,15 +233,21 @@ def _hair(face: dict[str, Prediction], rng: random.Random) -> list[_Phrases]:
     return out
 
 
-def _features(face: dict[str, Prediction], gender: str | None, minor: bool, rng: random.Random) -> list[_Phrases]:
-    """Everything said about one person beyond noun and age, one entry per attribute value."""
+def _features(face: dict[str, Prediction], gender: str | None, minor: bool, rng: random.Random,
+              brief: bool = False) -> list[_Phrases]:
+    """Everything said about one person beyond noun and age, one entry per attribute value. A
+    `brief` person (a group photo's other faces) gets no negatives and no pose: only what they have."""
+
+    def negative(name: str) -> bool:
+        return not brief and _sure_negative(face, name, rng)
+
     feats: list[_Phrases] = []
     smiling = _value(face, "smiling")
     expression = _value(face, "expression")
     if smiling:
         strong = face["smiling"].confidence >= STRONG_SMILE and (_value(face, "mouth_open") or expression == "happy")
         feats.append(_STRONG_SMILE if strong else _SMILE)
-    elif _sure_negative(face, "smiling", rng):
+    elif negative("smiling"):
         feats.append(_ph(("unsmiling",), verbs=(("be", "not smiling"),),
                          parts=(("", "not smiling"), ("", "unsmiling"))))
     # A neutral face that smiles is the expression model missing the smile: say the smile only.
@@ -250,7 +257,7 @@ def _features(face: dict[str, Prediction], gender: str | None, minor: bool, rng:
         feats.append(_ph(("open-mouthed",), ("an open mouth", "parted lips"),
                          (("have", "{pos} mouth open"), ("have", "parted lips")),
                          (("with", "{pos} mouth open"), ("with", "lips parted"), ("with", "an open mouth"))))
-    elif _sure_negative(face, "mouth_open", rng):
+    elif negative("mouth_open"):
         feats.append(_ph(verbs=(("keep", "{pos} mouth closed"),),
                          parts=(("with", "{pos} mouth closed"), ("with", "closed lips"))))
     feats += _hair(face, rng)
@@ -261,13 +268,13 @@ def _features(face: dict[str, Prediction], gender: str | None, minor: bool, rng:
         feats.append(_ph(("bespectacled",), ("glasses", "eyeglasses", "spectacles", "a pair of glasses"),
                          (("wear", "glasses"), ("wear", "eyeglasses"), ("wear", "spectacles")),
                          (("wearing", "glasses"), ("wearing", "spectacles"), ("in", "glasses"))))
-    elif _sure_negative(face, "eyeglasses", rng):
+    elif negative("eyeglasses"):
         feats.append(_ph(verbs=(("wear", "no glasses"), ("be", "not wearing glasses")),
                          parts=(("", "without glasses"), ("", "not wearing glasses"))))
     if _value(face, "hat"):
         feats.append(_ph(nps=("a hat", "headwear"), verbs=(("wear", "a hat"), ("wear", "headwear")),
                          parts=(("wearing", "a hat"), ("in", "a hat"))))
-    elif _sure_negative(face, "hat", rng):
+    elif negative("hat"):
         feats.append(_ph(("bareheaded",), verbs=(("be", "bareheaded"), ("wear", "no hat")),
                          parts=(("", "without a hat"), ("", "bareheaded"))))
     if _value(face, "earrings"):
@@ -279,9 +286,9 @@ def _features(face: dict[str, Prediction], gender: str | None, minor: bool, rng:
         feats.append(_ph(("bearded",), ("a beard", "facial hair"),
                          (("have", "a beard"), ("have", "facial hair"), ("sport", "a beard")),
                          (("with", "a beard"), ("with", "facial hair"))))
-    elif _sure_negative(face, "beard", rng) and gender != "female" and not minor:  # no "clean-shaven girl"
+    elif negative("beard") and gender != "female" and not minor:  # no "clean-shaven girl"
         feats.append(_ph(("clean-shaven",), verbs=(("be", "clean-shaven"),), parts=(("", "clean-shaven"),)))
-    pose = _value(face, "pose")
+    pose = None if brief else _value(face, "pose")
     if pose and rng.random() < IMAGE_PHRASE_SHARE:
         feats.append(_POSES[pose])
     rng.shuffle(feats)
@@ -298,7 +305,7 @@ class _Person:
     empty: bool  # nothing at all is known about this person
 
 
-def _person(face: dict[str, Prediction], rng: random.Random) -> _Person:
+def _person(face: dict[str, Prediction], rng: random.Random, brief: bool = False) -> _Person:
     gender = _value(face, "gender")
     stage = _value(face, "age_band")
     age = _value(face, "age")
@@ -313,7 +320,7 @@ def _person(face: dict[str, Prediction], rng: random.Random) -> _Person:
     subject, pos = _PRONOUNS[gender]
     noun = rng.choice(_NOUNS[(stage, gender)])
     post = f" in {pos} {rng.choice((_DECADE_WORDS[decade], f'{decade}s'))}" if decade else ""
-    feats = _features(face, gender, stage in _MINOR_STAGES, rng)
+    feats = _features(face, gender, stage in _MINOR_STAGES, rng, brief)
     empty = gender is None and stage is None and decade is None and not feats
     return _Person(noun, post, subject, pos, feats, empty)
 
@@ -366,7 +373,7 @@ class _Draft:
             if adjective_only or (feat.adjs and len(adjs) < max_adjs and self.rng.random() < 0.4):
                 adjs.append(self.rng.choice(feat.adjs))
                 self.feats.remove(feat)
-        sep = self.rng.choice((" ", ", ")) if len(adjs) == 2 else ""
+        sep = self.rng.choice((" ", ", ")) if len(adjs) == 2 else ", "  # three (max_adjs and a hair colour): commas
         return _article(sep.join(adjs) + (" " if adjs else "") + self.p.noun) + self.p.post
 
     def _parts(self, feats: list[_Phrases]) -> list[str]:
@@ -544,10 +551,75 @@ def _single(d: _Draft) -> str:
     return text + d.scene_tail()
 
 
-def _group(d: _Draft, n: int, second: _Person | None) -> str:
-    count = _count(n)
-    group = d.rng.choice(("two people", "two persons") if n == 2 else (f"{count} people", f"a group of {count} people"))
+_OBJECT_PRONOUNS = {"she": "her", "he": "him", "they": "them"}
+_OTHER_OPENINGS = ("Another is", "Another person is", "One of the others is", "There is also",
+                   "Also in the picture is")
+
+
+def _item(d: _Draft) -> str:
+    """One other person of a group, for a list: "a bearded man with short hair"."""
+    return d.noun_phrase(1) + d.with_phrase()
+
+
+def _list(items: list[str], rng: random.Random) -> str:
+    """Items joined; with semicolons when an item has commas of its own."""
+    if any("," in item for item in items):
+        return "; ".join(items[:-1]) + "; and " + items[-1]
+    return _join(items, rng)
+
+
+def _others(d: _Draft, n: int, others: list[_Person], all_described: bool) -> str:
+    """Every other described person of a group, in full (they are brief persons: no negatives or
+    pose), as a sentence each or as one list."""
     rng = d.rng
+    drafts = [_Draft(other, [], rng, portrait=False) for other in others]
+    if not drafts:
+        return ""
+    known = not d.p.empty
+    # "With them" would read as the whole group: a person of unknown gender is named again.
+    lead = f"the {d.p.noun}" if d.p.subject == "they" else _OBJECT_PRONOUNS[d.p.subject]
+    if len(drafts) >= 2 and rng.random() < 0.4:
+        if not known:
+            opener = rng.choice(("They are", "They include") if all_described else ("Among them are", "They include"))
+        elif all_described:
+            opener = rng.choice(("The others are", f"With {lead} are"))
+        else:
+            opener = rng.choice(("Among the others are", "The others include"))
+        return f" {opener} {_list([_item(o) for o in drafts], rng)}."
+    openings = list(_OTHER_OPENINGS)
+    rng.shuffle(openings)
+    text = ""
+    for i, o in enumerate(drafts):
+        if i == 0 and not known:
+            opening = rng.choice(("One of them is", "Among them is"))
+        elif n == 2:
+            opening = rng.choice(("The other person is", "The second person is",
+                                  f"With {lead} is"))
+        else:
+            opening = openings[i % len(openings)]
+        np_ = o.noun_phrase(1)
+        if rng.random() < 0.35:
+            verbs = o.verb_phrase("who")
+            text += f" {opening} {np_}" + (f" who {verbs}." if verbs else ".")
+        else:
+            text += f" {opening} {np_}{o.with_phrase()}."
+    return text
+
+
+def _group(d: _Draft, n: int, n_described: int, others: list[_Person]) -> str:
+    """A photo of `n` faces, `n_described` of them described: the primary person (when anything is
+    known about them) in one of five structures, then each of `others` (the other described faces
+    that have something to say). The count is always said: "three people", "a group of five
+    people" when not everyone is described, or the primary person and "four other people"."""
+    rng = d.rng
+    count = _count(n)
+    all_described = n_described >= n
+    if n == 2:
+        group = rng.choice(("two people", "two persons"))
+    elif all_described:
+        group = f"{count} people"
+    else:
+        group = rng.choice((f"a group of {count} people", f"a group of {count} people", f"{count} people"))
     if d.p.empty:
         form = rng.randrange(3)
         if form == 0:
@@ -572,27 +644,25 @@ def _group(d: _Draft, n: int, second: _Person | None) -> str:
             parts = d.parts_phrase()
             text = f"{_cap(shot)} of {group}, with {np_} in the foreground" + (f", {parts}." if parts else ".")
         elif form == 3:
-            others = rng.choice(("another person", "one other person")) if n == 2 else \
+            rest = rng.choice(("another person", "one other person")) if n == 2 else \
                 rng.choice((f"{_count(n - 1)} other people", f"{_count(n - 1)} more people"))
             np_ = d.noun_phrase()
             body = d.with_phrase()
-            text = f"{_cap(np_)}{body}; {others} {'is' if n == 2 else 'are'} also in the {d.shot(article=False)}."
+            text = f"{_cap(np_)}{body}; {rest} {'is' if n == 2 else 'are'} also in the {d.shot(article=False)}"
+            if others:  # said here, as the list the sentence promises
+                items = _list([_item(_Draft(o, [], rng, portrait=False)) for o in others], rng)
+                text += f": {items}." if all_described else f", among them {items}."
+                others = []
+            else:
+                text += "."
         else:
-            shot, np_, subject = d.shot(article=False), d.noun_phrase(), d.subject()
+            shot, np_ = d.shot(article=False), d.noun_phrase()
+            # "They" would read as the whole group: a person of unknown gender is named again.
+            subject = f"the {d.p.noun}" if d.p.subject == "they" else d.subject()
             verbs = d.verb_phrase(subject)
             text = f"This {shot} shows {group}; the most prominent is {np_}." + \
                 (f" {_cap(subject)} {verbs}." if verbs else "")
-    if second is not None:
-        other = _Draft(second, [], rng, portrait=False)
-        other.feats = other.feats[:2]  # the second face is described briefly
-        if d.p.empty:
-            opening = rng.choice(("One of them is", "Among them is"))
-        elif n == 2:
-            opening = rng.choice(("The other person is", "The second person is"))
-        else:
-            opening = rng.choice(("Another is", "One of the others is", "Another person is"))
-        text += f" {opening} {other.noun_phrase(1)}{other.with_phrase()}."
-    return text + d.scene_tail()
+    return text + _others(d, n, others, all_described) + d.scene_tail()
 
 
 def _checked(face: dict[str, Prediction], allowed: frozenset[str] | set[str]) -> dict[str, Prediction]:
@@ -611,8 +681,10 @@ def _checked(face: dict[str, Prediction], allowed: frozenset[str] | set[str]) ->
 def compose_caption(faces: list[dict[str, Prediction]], n_faces: int, seed: int | str,
                     allowed: set[str] | frozenset[str] | None = None) -> str:
     """A caption for an image with `n_faces` faces, of which `faces` (primary first) were described:
-    each a dict of confident attributes, possibly empty. Says only attributes in `allowed`
-    (default: DEFAULT_ALLOWED). The same arguments always give the same caption."""
+    each a dict of confident attributes, possibly empty. The count is said ("three people", "a group
+    of five people" when fewer were described), and every described face with something known is
+    said: the primary one in full, the others without negatives or pose. Says only attributes in
+    `allowed` (default: DEFAULT_ALLOWED). The same arguments always give the same caption."""
     if n_faces < max(1, len(faces)):
         raise ValueError(f"n_faces={n_faces} but {len(faces)} faces were described")
     allowed = DEFAULT_ALLOWED if allowed is None else allowed
@@ -628,9 +700,8 @@ def compose_caption(faces: list[dict[str, Prediction]], n_faces: int, seed: int 
     if n_faces == 1:
         text = _single(draft)
     else:
-        second = _person(faces[1], rng) if len(faces) > 1 else None
-        keep_second = second is not None and not second.empty and (primary.empty or rng.random() < 0.5)
-        text = _group(draft, n_faces, second if keep_second else None)
+        others = [_person(face, rng, brief=True) for face in faces[1:]]
+        text = _group(draft, n_faces, len(faces), [other for other in others if not other.empty])
     text = re.sub(r"\s+", " ", text).strip()
     return _cap(re.sub(r"\s+([,.;:])", r"\1", text))
 
