@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from facedata import records
 from facedata.attributes import load_predictors
@@ -38,7 +37,10 @@ from facedata.config import AttributeConfig, Config
 from facedata.face_stage import _tar_images
 from facedata.fingerprints import Fingerprint, reusable, step_fingerprints
 from facedata.imaging import decode_rgb
+from facedata.progress import progress_bar
 from facedata.run_layout import RunLayout
+from facedata.schema import step_columns
+from facedata.step import source_of
 from facedata.shards import atomic_path, file_sha256, shard_name, write_json
 
 log = logging.getLogger(__name__)
@@ -47,21 +49,7 @@ log = logging.getLogger(__name__)
 # many pixels on its shorter side: the largest model input (face parsing) needs no more.
 DECODE_MIN_FACE_SIDE = 256
 
-_ARROW_TYPES = {"number": pa.float32(), "bool": pa.bool_(), "category": pa.string()}
-VALUES_TYPE = pa.struct([(name, _ARROW_TYPES[spec.kind]) for name, spec in ATTRIBUTES.items()])
-CONFIDENCES_TYPE = pa.struct([(name, pa.float32()) for name in ATTRIBUTES])
-FACE_ATTRIBUTES_TYPE = pa.struct([
-    ("face", pa.int32()),  # index into the record's `faces`
-    ("values", VALUES_TYPE),  # null where the attribute was not confident (or not asked for)
-    ("confidences", CONFIDENCES_TYPE),
-])
-CAPTION_COLUMNS = {
-    "face_caption": pa.string(),
-    "clip_score": pa.float32(),  # image-text cosine under relevance.checkpoint; null when off
-    "face_attributes": pa.list_(FACE_ATTRIBUTES_TYPE),  # described faces, primary first
-    "n_valid_labels": pa.int32(),  # confident attributes of the primary face
-    "caption_rewritten": pa.bool_(),  # null without a rewriter
-}
+CAPTION_COLUMNS = step_columns("captions")
 
 
 def caption_dir(run_dir: Path) -> Path:
@@ -225,7 +213,7 @@ def run_caption_shard(shard_id: int, cfg: Config, run_dir: Path, progress: bool 
     run_dir = layout.root
     dst = layout.step_dir("captions")
     name = shard_name(shard_id)
-    source = layout.records_file("identity" if cfg.identity.enabled else "faces", shard_id)
+    source = layout.records_file(source_of(cfg, "captions"), shard_id)
     if not source.exists():
         raise RuntimeError(f"{source} is missing: run the stages before captions first")
     source_digest = file_sha256(source)
@@ -306,7 +294,7 @@ def run_caption_shard(shard_id: int, cfg: Config, run_dir: Path, progress: bool 
     n_reused = len(kept) - len(wanted)
 
     decode_start = time.perf_counter()
-    with tqdm(total=len(wanted), desc=f"captions {name}", unit="img", disable=not progress, leave=False) as bar:
+    with progress_bar(total=len(wanted), desc=f"captions {name}", unit="img", progress=progress, leave=False) as bar:
         n_pending_faces = 0
         for key, data in _tar_images(layout.images_tar(shard_id), wanted):
             row_index = kept[key]

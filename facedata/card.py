@@ -36,6 +36,7 @@ import pandas as pd
 import yaml
 
 from facedata.attributes.vocabulary import ATTRIBUTES
+from facedata.schema import field_descriptions, reasons
 from facedata.shards import atomic_path
 
 __all__ = [
@@ -64,84 +65,10 @@ TAGS = ["faces", "image-text", "captions", "face-attributes", "webdataset"]
 LICENSE_NAME = "web-images-owner-licences"
 _NON_COMMERCIAL = re.compile(r"non[- ]?commercial|research[- ]only|\bnc\b|cc-by-nc", re.IGNORECASE)
 
-# Why a sample was dropped, by status (facedata.records). {a.b.c} is filled from the run config.
-REASONS = {
-    "missing_url": "no URL in the input row",
-    "invalid_url": "URL not parseable, or not http(s)",
-    "duplicate_url": "URL already seen earlier in the input",
-    "file_not_found": "the local file the input names is missing",
-    "timeout": "no answer within {download.timeout} s (download.retries = {download.retries})",
-    "connection_error": "could not connect to the server",
-    "too_many_redirects": "more than {download.max_redirects} redirects",
-    "too_large": "body over {download.max_bytes} bytes",
-    "truncated": "body shorter than its Content-Length",
-    "not_image": "content type or magic bytes say it is not an image",
-    "opted_out": "the site opted out of AI training (X-Robots-Tag: noai / noimageai)",
-    "decode_error": "the image could not be decoded",
-    "decompression_bomb": "over {image.max_pixels} pixels",
-    "too_small": "shorter side under {image.min_side} px",
-    "bad_aspect": "aspect ratio over {image.max_aspect}",
-    "no_face": "no face scored at least {faces.filter.min_score}",
-    "too_few_faces": "fewer than {faces.filter.min_faces} faces",
-    "too_many_faces": "more than {faces.filter.max_faces} faces",
-    "face_too_small": "primary face's shorter side under {faces.filter.min_face_side} px",
-    "face_ratio_too_small": "primary face under {faces.filter.min_area_ratio} of the image's area",
-    "face_pose": "primary face turned more than {faces.filter.max_abs_yaw} degrees (|yaw|)",
-    "optout_match": "a face matched the opt-out gallery (cosine similarity at least {identity.optout_threshold})",
-    "near_duplicate": "another image of the same face (cosine at least {identity.near_duplicate_threshold}) "
-                      "was kept instead: better resolution, then sharpness, then detector score",
-    "identity_outlier": "primary face far from its identity's centre (similarity under {identity.outlier_threshold})",
-    "identity_cap": "over {identity.max_images_per_identity} images of its identity (the best were kept)",
-    "singleton_identity": "the only image of its identity",
-    "too_few_attributes": "primary face had fewer than {attributes.min_valid_labels} confident attribute labels",
-}
-
-# What each published column holds, for the fields table (columns absent from a release are not listed).
-FIELDS = {
-    "key": "stable sample id (input order)",
-    "image": "the stored image (JPEG/PNG/WebP bytes as downloaded, or resized/re-encoded per the config)",
-    "url": "where the image was downloaded from",
-    "caption": "the web caption (alt text) as found next to the image: unedited, may name people",
-    "face_caption": "English caption composed from the confident attributes of the image's faces; never names anyone",
-    "width": "stored image width in pixels",
-    "height": "stored image height in pixels",
-    "orig_width": "width as downloaded, before any resize",
-    "orig_height": "height as downloaded, before any resize",
-    "ext": "image file type (jpg, png, webp)",
-    "sha256": "SHA-256 of the published image bytes",
-    "n_faces": "faces detected (scoring at least faces.filter.min_score)",
-    "faces": "per face: bbox (x1, y1, x2, y2 in image pixels), 5 landmarks (eyes, nose, mouth corners; image "
-             "left/right), detector score, yaw/pitch/roll, identity cluster, primary flag and, for described "
-             "faces, attribute values (null where not confident) with their confidences",
-    "source_url": "the URL the image was downloaded from",
-    "license": "the image's licence as the input listed it (null when the input had none)",
-    "source_sha256": "SHA-256 of the bytes as downloaded (before any resize or re-encode)",
-    "primary_face": "index in `faces` of the primary (largest, most central) face",
-    "face_detector": "face detector that found the faces",
-    "face_embedder": "face embedding model used for identity clustering",
-    "identity_id": "identity cluster of the primary face (a cluster number, not a name)",
-    "identity_size": "images in the primary face's identity cluster",
-    "identity_centre_sim": "cosine similarity of the primary face to its cluster's centre",
-    "face_identity_ids": "identity cluster of each embedded face",
-    "split": "train / validation / test, identity-disjoint by the primary face's cluster",
-    "face_attributes": "per described face (primary first): attribute values (null where the model was not "
-                       "confident enough) and the model confidences",
-    "n_valid_labels": "confident attribute labels of the primary face",
-    "caption_rewritten": "whether a language model rewrote the composed face caption",
-    "embedding": "the primary face's identity embedding",
-    "path": "local file the input named (local inputs only)",
-    "status": "`ok` for every published sample (the first reason a sample was dropped otherwise)",
-    "error": "detail of a drop reason (null for published samples)",
-    "http_status": "HTTP status of the download",
-    "attempts": "download attempts made",
-    "download_seconds": "seconds the download took",
-    "content_type": "Content-Type the server sent",
-    "bytes_downloaded": "bytes downloaded",
-    "expected_status": "status the demo corpus expects (demo runs only)",
-    "face_status": "status after the face stage",
-    "identity_outlier": "whether the primary face is far from its identity's centre",
-    "identity_status": "status after the identity stage",
-}
+# Why a sample was dropped, by status ({a.b.c} is filled from the run config), and what each
+# published column holds (columns absent from a release are not listed): both from facedata.schema.
+REASONS = reasons()
+FIELDS = field_descriptions()
 
 
 # --------------------------------------------------------------------------------------------
@@ -465,13 +392,53 @@ def _total(summary: dict, manifest: dict, samples: pd.DataFrame) -> int:
     return len(samples)
 
 
-def _thresholds(config: dict) -> dict[str, float]:
-    """Confidence each attribute needed to be kept, as the caption stage applies it."""
-    acfg = config.get("attributes") or {}
-    wanted = acfg.get("include") or list(ATTRIBUTES)
-    default = acfg.get("min_confidence", 0.85)
-    overrides = acfg.get("thresholds") or {}
-    return {name: overrides.get(name, default) for name in wanted}
+def _thresholds(config: dict, summary: dict | None = None) -> dict[str, float]:
+    """Confidence each attribute needed to be stated: as the caption step recorded applying it (its
+    stats), else as it would from the config. Keys "name=value" mark values never stated."""
+    if (summary or {}).get("attribute_thresholds") is not None:
+        return summary["attribute_thresholds"]
+    from facedata.caption_stage import thresholds
+    from facedata.config import AttributeConfig
+
+    return thresholds(AttributeConfig.model_validate(config.get("attributes") or {}))
+
+
+def _calibration() -> dict:
+    """The shipped measurement of each attribute's precision on labelled real faces."""
+    path = Path(__file__).with_name("attributes") / "calibration.json"
+    return json.loads(path.read_text()) if path.is_file() else {"attributes": {}}
+
+
+def _reliability_section(summary: dict, config: dict) -> list[str]:
+    """How often each stated attribute was right on labelled real faces, at the threshold applied."""
+    applied = _thresholds(config, summary)
+    measured = _calibration()
+    if not measured.get("attributes"):
+        return []
+    lines = ["## How often the attributes are right", "",
+             f"Measured on {measured.get('n_faces', '?')} labelled real faces in {measured.get('n_images', '?')} "
+             f"images ({measured.get('labels', 'labelled photos')}) with the models above: for each attribute "
+             "the share of its statements that were right (precision) and of the faces where it was stated "
+             "(coverage), at the threshold this dataset applied. An attribute whose statements were not right at "
+             f"least {_fmt(measured.get('target_precision', 0.9))} of the time at any threshold is not stated "
+             "unless the config asked for it.", "",
+             "| attribute | labelled faces | threshold applied | precision | coverage |", "|---|---|---|---|---|"]
+    for name, entry in measured["attributes"].items():
+        threshold = applied.get(name)
+        calibrated = entry.get("threshold")
+        if threshold is None:
+            lines.append(f"| {name} | {entry.get('n', '?')} | not stated | "
+                         f"{_fmt(entry.get('precision'))} at best | - |")
+        elif calibrated is not None and abs(threshold - calibrated) < 1e-9:
+            lines.append(f"| {name} | {entry['n']} | {_fmt(threshold)} | {_fmt(entry.get('precision'))} | "
+                         f"{_fmt(entry.get('coverage'))} |")
+        else:
+            lines.append(f"| {name} | {entry.get('n', '?')} | {_fmt(threshold)} (set by the config) | not measured "
+                         "at this threshold | - |")
+    never = sorted(k.replace("=", " ") for k, v in applied.items() if "=" in k)
+    if never:
+        lines += ["", "Never stated (too few labelled faces show them to measure): " + ", ".join(never) + "."]
+    return lines + [""]
 
 
 # --------------------------------------------------------------------------------------------
@@ -1004,7 +971,7 @@ def _ethics_section(summary: dict, config: dict) -> list[str]:
     optout_faces = identity.get("n_optout_faces")
     optout_images = (identity.get("dropped_by_status") or {}).get("optout_match")
     site_optouts = (download.get("dropped_by_status") or {}).get("opted_out")
-    thresholds = _thresholds(config)
+    thresholds = {k: v for k, v in _thresholds(config, summary).items() if "=" not in k}
     default = _get(config, "attributes.min_confidence", 0.85)
     special = {k: v for k, v in thresholds.items() if v != default}
     lines = ["## Limitations and ethics", ""]
@@ -1145,6 +1112,7 @@ def write_dataset_card(
     body += _distribution_section(m, plots, total)
     body += _caption_section(summary, examples)
     body += _models_section(summary, manifest)
+    body += _reliability_section(summary, config)
     body += _licence_section(summary, manifest)
     body += _loading_section(repo, list(splits), manifest)
     body += ["## Build config", "", "The run's exact configuration:", "", "```yaml",

@@ -21,15 +21,13 @@ from facedata.progress import progress_bar
 from facedata.reader import ShardPlan
 from facedata.fingerprints import Fingerprint, reusable, step_fingerprints
 from facedata.run_layout import RunLayout
+from facedata.schema import COLUMNS
 from facedata.shards import ShardWriter
 
 log = logging.getLogger(__name__)
 
 # Columns every output record has, in this order; the plan's extra columns follow.
-RECORD_FIELDS = (
-    "key", "url", "caption", "path", "status", "error", "http_status", "attempts", "download_seconds",
-    "content_type", "bytes_downloaded", "sha256", "orig_width", "orig_height", "width", "height", "ext",
-)
+RECORD_FIELDS = tuple(c.name for c in COLUMNS if c.step in ("input", "download"))
 # Plan columns that are consumed here rather than carried into the records.
 _CONSUMED = {"image"}
 

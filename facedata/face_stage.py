@@ -70,6 +70,7 @@ from facedata.fingerprints import Fingerprint, reusable, step_fingerprints
 from facedata.imaging import ImageError, decode_rgb
 from facedata.progress import progress_bar
 from facedata.run_layout import RunLayout
+from facedata.schema import step_columns
 from facedata.step import source_of
 from facedata.shards import (
     atomic_path,
@@ -85,28 +86,8 @@ log = logging.getLogger(__name__)
 # a finer decode moved embeddings no more than resampling does, and costs a full decode each.
 _MIN_DECODED_FACE = 90
 
-FACE_TYPE = pa.struct([
-    ("bbox", pa.list_(pa.float32())),  # x1, y1, x2, y2 in the stored image's pixels
-    ("kps", pa.list_(pa.float32())),  # 5 points flattened: x, y of eyes, nose, mouth corners
-    ("score", pa.float32()),
-    ("side", pa.float32()),
-    ("area_ratio", pa.float32()),
-    ("yaw", pa.float32()),
-    ("pitch", pa.float32()),
-    ("roll", pa.float32()),
-    ("sharpness", pa.float32()),  # on the aligned crop (the embedded one, for embedded faces)
-    ("primary", pa.bool_()),
-    ("embedding_index", pa.int64()),  # row in NNNNN.embeddings.npy; null for a face not embedded
-])
-# Columns the face stage adds, with their types (null for rows it did not analyse).
-FACE_COLUMNS = {
-    "face_status": pa.string(),  # the face filter's verdict: ok or the reason it dropped the image
-    "n_faces": pa.int32(),  # faces scoring at least faces.filter.min_score
-    "faces": pa.list_(FACE_TYPE),
-    "primary_face": pa.int32(),  # index into faces; null without faces
-    "face_detector": pa.string(),
-    "face_embedder": pa.string(),
-}
+# Columns the face step adds, with their types (null for rows it did not analyse).
+FACE_COLUMNS = step_columns("faces")
 
 
 def face_dir(run_dir: Path) -> Path:

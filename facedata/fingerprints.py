@@ -40,12 +40,19 @@ _SPEED_ONLY = {
 
 
 def _flat(prefix: str, value) -> dict:
-    if isinstance(value, dict) and value:
+    """{"a": {"b": 1, "c": {}}} -> {"a.b": 1}: dotted keys, as the config is written."""
+    if isinstance(value, dict):
         out: dict = {}
         for key, item in value.items():
             out.update(_flat(f"{prefix}.{key}", item))
         return out
     return {prefix: value}
+
+
+def _derived(key: str) -> bool:
+    """A setting the run derives (thresholds from the calibration, models, file states) rather than
+    one the user wrote: named after the user's own when both changed."""
+    return ".applied_" in key or key.endswith(".files") or key.startswith("models.")
 
 
 def _options(cfg: Config, *sections: str) -> dict:
@@ -92,7 +99,11 @@ def _identity_settings(cfg: Config) -> dict:
 
 
 def _caption_settings(cfg: Config) -> dict:
+    from facedata.caption_stage import thresholds
+
     settings = _options(cfg, "attributes", "captions", "relevance")
+    # The thresholds applied also depend on the calibration shipped with the code.
+    settings.update(_flat("attributes.applied_thresholds", thresholds(cfg.attributes)))
     settings["relevance.checkpoint.files"] = _files_state(cfg.relevance.checkpoint)
     return settings
 
@@ -135,7 +146,8 @@ class Fingerprint:
         if recorded.get("digest") == self.digest:
             return None
         old = recorded.get("settings") or {}
-        changed = [k for k in sorted(set(old) | set(self.settings)) if old.get(k, "unset") != self.settings.get(k, "unset")]
+        changed = sorted((k for k in set(old) | set(self.settings) if old.get(k, "unset") != self.settings.get(k, "unset")),
+                         key=lambda k: (_derived(k), k))
         if changed:
             shown = ", ".join(f"{k} {_show(old.get(k, 'unset'))} -> {_show(self.settings.get(k, 'unset'))}"
                               for k in changed[:3])

@@ -21,8 +21,10 @@ QUIET_DEFAULTS = {
     "PREFECT_LOGGING_LEVEL": "WARNING",
     # A cold SQLite migration has exceeded the 20 s default once.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-    # Send our stage logs to the Prefect run logs too.
+    # Send our stage logs to the Prefect run logs too; the lines logged outside a flow run (before it
+    # starts, after it ends) go to the terminal only, without a UserWarning each.
     "PREFECT_LOGGING_EXTRA_LOGGERS": "facedata",
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
 }
 
 

@@ -170,6 +170,8 @@ def _add_captions(summary: dict, funnel: list[dict], run_dir: Path, stats_files:
     })
     summary["caption_stats"] = caption_stats(captions, labels)
     summary["attribute_models"] = shard_stats[0]["models"]
+    # The thresholds the caption step applied (its fingerprint keeps them the same in every shard).
+    summary["attribute_thresholds"] = shard_stats[0].get("thresholds")
     if len(shard_stats) == n_shards:
         final: Counter = Counter()
         for stats in shard_stats:

@@ -117,10 +117,11 @@ def test_caption_settings_redo_captions_only_and_the_card_states_them(base_run, 
     from facedata.publish import publish
 
     caplog.set_level("INFO", logger="facedata")
-    run, redone, _ = _rerun(base_run, tmp_path, attributes={"include": ["gender"], "min_confidence": 0.99})
+    run, redone, _ = _rerun(base_run, tmp_path, attributes={"include": ["gender"], "thresholds": {"gender": 0.99}})
     assert redone == {"captions"}
-    assert "captions: settings changed (attributes.include null -> [\"gender\"], attributes.min_confidence 0.85 " \
-           "-> 0.99), redoing 2 shards" in caplog.text
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("captions:"))
+    assert line.startswith("captions: settings changed (attributes.include null -> [\"gender\"], "
+                           "attributes.thresholds.gender unset -> 0.99, ") and line.endswith("more), redoing 2 shards")
     faces = [f for r in _records(run, "captions") for f in (r["face_attributes"] or [])]
     assert faces
     for face in faces:
@@ -128,7 +129,10 @@ def test_caption_settings_redo_captions_only_and_the_card_states_them(base_run, 
         assert stated <= {"gender"}
         assert all(face["confidences"][k] >= 0.99 for k in stated)
     card = (Path(publish(run, tmp_path / "dataset", progress=False)["destination"]) / "README.md").read_text()
-    assert "0.99" in card and "0.85" not in card
+    # The card states the thresholds that were applied: gender's own, every other attribute unstated.
+    rows = {line.split("|")[1].strip(): line for line in card.splitlines() if line.startswith("| ")}
+    assert "0.99 (set by the config)" in rows["gender"] and "gender 0.99" in card
+    assert all("not stated" in rows[name] for name in ("age", "hair_color", "expression"))
 
 
 def test_identity_settings_redo_identity_and_captions(base_run, tmp_path):
@@ -169,7 +173,7 @@ def test_a_run_stopped_after_a_settings_change_cannot_be_published(base_run, tmp
     check_current(layout)
     changed = config_from_dict({**data, "attributes": {"min_confidence": 0.95}})
     begin_run(layout, changed.model_dump(mode="json"), step_fingerprints(changed, model_infos(changed)), [0, 1])
-    with pytest.raises(StaleRunError, match=r"captions: settings changed \(attributes.min_confidence 0.85 -> 0.95\)"):
+    with pytest.raises(StaleRunError, match=r"captions: settings changed \(attributes.min_confidence 0.85 -> 0.95"):
         publish(copy, tmp_path / "dataset", progress=False)
     assert not (tmp_path / "dataset").exists()
 
