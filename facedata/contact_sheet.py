@@ -2,7 +2,8 @@
 
 Items may also carry face boxes (drawn on the image) and chips: short labels such as a face's
 attributes, drawn as tags under the caption. With `zoom_to_primary` each cell shows the primary
-face with some context instead of the whole image."""
+face with some context instead of the whole image. An item without image bytes (None) is an
+empty slot: its place in the grid stays plain background, so a row can end early."""
 
 from __future__ import annotations
 
@@ -134,7 +135,8 @@ def _draw_chips(draw: ImageDraw.ImageDraw, chips: list[str], x: int, y: int, wid
 
 
 def make_contact_sheet(
-    items: Iterable[tuple[bytes, str] | tuple[bytes, str, list[Box]] | tuple[bytes, str, list[Box], list[str]]],
+    items: Iterable[tuple[bytes | None, str] | tuple[bytes | None, str, list[Box]]
+                    | tuple[bytes | None, str, list[Box], list[str]]],
     out_path: Path,
     *,
     title: str = "",
@@ -147,18 +149,25 @@ def make_contact_sheet(
     grid and write it.
 
     Each cell is `thumb` pixels wide with 8-pixel gutters; captions wrap onto up to 3 lines under
-    it, chips onto up to 2 rows under those. Undecodable items are skipped. Returns `out_path`, or
-    None (writing nothing) when no item could be drawn. The file is written to a temporary name
+    it, chips onto up to 2 rows under those. Undecodable items are skipped. An item whose bytes
+    are None is an empty slot: it takes its place in the grid (and counts towards `max_items`) but
+    nothing is drawn there, not even a caption. Returns `out_path`, or None (writing nothing) when
+    no item could be drawn. The file is written to a temporary name
     and renamed, so readers never see half a sheet; its format follows the suffix (PNG for an
     unknown one).
     """
-    cells: list[tuple[Image.Image, str, list[str]]] = []
+    cells: list[tuple[Image.Image, str, list[str]] | None] = []  # None: an empty slot
     for data, caption, *extra in items:
         if len(cells) >= max_items:
             break
+        if data is None:
+            cells.append(None)
+            continue
         cell = _thumbnail(data, thumb, list(extra[0]) if extra else [], zoom_to_primary)
         if cell is not None:
             cells.append((cell, caption, list(extra[1]) if len(extra) > 1 else []))
+    while cells and cells[-1] is None:
+        cells.pop()
     if not cells:
         return None
 
@@ -167,7 +176,7 @@ def make_contact_sheet(
     title_font = ImageFont.load_default(size=max(14, thumb // 10))
     line_height = math.ceil(font.size * 1.25)
     chip_height = math.ceil(chip_font.size * 1.25) + 4
-    chip_block = _CHIP_ROWS * chip_height if any(chips for _, _, chips in cells) else 0
+    chip_block = _CHIP_ROWS * chip_height if any(cell and cell[2] for cell in cells) else 0
     title_height = math.ceil(title_font.size * 1.25) + 2 * _PAD
     cols = min(columns, len(cells))
     rows = math.ceil(len(cells) / cols)
@@ -177,12 +186,15 @@ def make_contact_sheet(
     draw = ImageDraw.Draw(sheet)
 
     draw.rectangle((0, 0, sheet.width, title_height - 1), fill=_TITLE_BAR)
-    heading = title or f"{len(cells)} images"
+    heading = title or f"{sum(cell is not None for cell in cells)} images"
     if title_font.getlength(heading) > sheet.width - 2 * _PAD:
         heading = _ellipsize(heading, title_font, sheet.width - 2 * _PAD)
     draw.text((_PAD, _PAD), heading, font=title_font, fill=_TITLE_TEXT)
 
-    for i, (cell, caption, chips) in enumerate(cells):
+    for i, drawn in enumerate(cells):
+        if drawn is None:
+            continue
+        cell, caption, chips = drawn
         x = _PAD + (i % cols) * cell_w
         y = title_height + _PAD + (i // cols) * cell_h
         sheet.paste(cell, (x, y))

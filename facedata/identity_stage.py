@@ -15,9 +15,9 @@ per-face bookkeeping is a handful of numpy arrays, never Python objects per face
 
 Written, each atomically: `RUN/identity/NNNNN.parquet` per shard (the face stage's records plus
 identity_id, identity_size, identity_centre_sim, identity_outlier, face_identity_ids, split and
-identity_status), `gallery.png` (the largest identities and the flagged outliers, face crops) and
-`identity.json` last, which marks the stage done for its list of shards (a run whose input grew by
-new shards does it again over all of them). Same input and config give the same output.
+identity_status), `gallery.png` (face crops: a row per largest identity, then the flagged
+outliers) and `identity.json` last, which marks the stage done for its list of shards (a run whose
+input grew by new shards does it again over all of them). Same input and config give the same output.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 DONE_FILE = "identity.json"
 SPLITS = ("train", "validation", "test")
 _GALLERY_PER_ROW = 8
+_GALLERY_OUTLIER_ROWS = 2
 
 
 def identity_dir(run_dir: Path) -> Path:
@@ -278,36 +279,66 @@ def _face_crops(run_dir: Path, idx: FaceIndex, faces: np.ndarray) -> dict[int, b
     return crops
 
 
+@dataclass(frozen=True)
+class GalleryTile:
+    """One face drawn in gallery.png."""
+
+    shard: int
+    row: int  # the record's row in its shard
+    face: int  # the face's position in the record's `faces`
+    identity: int
+    outlier: bool  # drawn in the outliers' rows: the record's identity_outlier is true
+
+
+@dataclass
+class Gallery:
+    path: Path
+    title: str
+    columns: int
+    rows: list[list[GalleryTile]]  # as drawn: one row per identity, then the outliers' rows
+    n_outliers: int  # images flagged identity_outlier in all; up to _GALLERY_OUTLIER_ROWS rows are shown
+
+
 def write_gallery(run_dir: Path, idx: FaceIndex, labels: np.ndarray, centre_sim: np.ndarray,
-                  outlier: np.ndarray, n_clusters: int, out_path: Path) -> Path | None:
-    """A grid: one row of faces for each of the largest identities, most central first, then a row
-    of flagged outliers, so a person can check the clustering at a glance."""
-    chosen: list[tuple[int, str]] = []
+                  outlier: np.ndarray, n_clusters: int, out_path: Path) -> Gallery | None:
+    """A grid: one row of faces for each of the largest identities, most central first, then the
+    flagged outliers (the images whose identity_outlier is true: their primary face, least central
+    first, captioned "OUTLIER of identity N"), so a person can check the clustering at a
+    glance. A row that ends early ends in plain background. None when there is nothing to show."""
     sizes = np.bincount(labels[labels >= 0]) if len(labels) else np.zeros(0, np.int64)
-    per_row = int(min(_GALLERY_PER_ROW, sizes.max(initial=0)))
+    flagged = np.flatnonzero(outlier & idx.primary & (labels >= 0))
+    flagged = flagged[np.argsort(centre_sim[flagged], kind="stable")]
+    columns = int(min(_GALLERY_PER_ROW, max(sizes.max(initial=0), len(flagged), 1)))
+    rows: list[list[tuple[int, str]]] = []
     for label in range(min(n_clusters, len(sizes))):
         if sizes[label] < 2:
             break
         members = np.flatnonzero(labels == label)
-        members = members[np.argsort(-centre_sim[members], kind="stable")][:per_row]
-        chosen += [(int(f), f"identity {label} ({sizes[label]} faces) sim {centre_sim[f]:.2f}") for f in members]
-        chosen += [(-1, "")] * (per_row - len(members))  # keep one identity per row
-    flagged = np.flatnonzero(outlier)[:per_row]
-    chosen += [(int(f), f"OUTLIER of identity {labels[f]} sim {centre_sim[f]:.2f}") for f in flagged]
-    faces = np.array([f for f, _ in chosen if f >= 0], np.int64)
-    if not len(faces):
+        members = members[np.argsort(-centre_sim[members], kind="stable")][:columns]
+        rows.append([(int(f), f"identity {label} ({sizes[label]} faces) sim {centre_sim[f]:.2f}") for f in members])
+    n_identity_rows = len(rows)
+    shown = flagged[: _GALLERY_OUTLIER_ROWS * columns]
+    for start in range(0, len(shown), columns):
+        rows.append([(int(f), f"OUTLIER of identity {labels[f]} ({sizes[labels[f]]} faces) sim {centre_sim[f]:.2f}")
+                     for f in shown[start : start + columns]])
+    if not rows:
         return None
-    crops = _face_crops(run_dir, idx, faces)
-    blank = _blank_jpeg()
-    items = [(crops[f] if f >= 0 else blank, caption) for f, caption in chosen]
-    return make_contact_sheet(items, out_path, title=f"{Path(run_dir).name}: largest identities and outliers",
-                              thumb=128, columns=max(per_row, 1), max_items=len(items))
-
-
-def _blank_jpeg() -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 8), (255, 255, 255)).save(buf, format="JPEG")
-    return buf.getvalue()
+    name = Path(run_dir).name
+    title = f"{name}: {n_identity_rows} largest identities, a row each; " + (
+        "no outliers flagged" if not len(flagged) else
+        f"{len(flagged)} outliers, last row{'s' if len(rows) - n_identity_rows > 1 else ''}"
+        + (f" ({len(shown)} shown)" if len(shown) < len(flagged) else ""))
+    crops = _face_crops(run_dir, idx, np.array([f for row in rows for f, _ in row], np.int64))
+    items: list[tuple[bytes | None, str]] = []
+    for row in rows:
+        items += [(crops[f], caption) for f, caption in row]
+        items += [(None, "")] * (columns - len(row))  # the next row starts a row of its own
+    path = make_contact_sheet(items, out_path, title=title, thumb=128, columns=columns, max_items=len(items))
+    if path is None:
+        return None
+    tiles = [[GalleryTile(int(idx.shard[f]), int(idx.row[f]), int(idx.face[f]), int(labels[f]),
+                          outlier=i >= n_identity_rows) for f, _ in row] for i, row in enumerate(rows)]
+    return Gallery(path, title, columns, tiles, int(len(flagged)))
 
 
 def run_identity_stage(cfg: Config, run_dir: Path, shard_ids: list[int], fingerprint: Fingerprint | None = None) -> dict:
@@ -408,7 +439,7 @@ def run_identity_stage(cfg: Config, run_dir: Path, shard_ids: list[int], fingerp
         status_counts=dict(status_counts.most_common()),
         identity_status_counts=dict(identity_counts.most_common()),
         splits=split_counts,
-        gallery=str(gallery) if gallery else None,
+        gallery=str(gallery.path) if gallery else None,
         seconds=round(time.perf_counter() - started, 3),
     )
     write_json(layout.identity_report, report)

@@ -3,6 +3,7 @@ stages, then clustering, cleaning, opt-out and splits."""
 
 from __future__ import annotations
 
+import io
 import shutil
 from pathlib import Path
 
@@ -182,3 +183,43 @@ def test_no_faces_at_all(base_run, tmp_path):
         pq.write_table(table, path)
     report = run_identity_stage(make_config(run / "corpus.parquet"), run, base_run[1])
     assert report["n_faces"] == 0 and report["n_identities"] == 0
+
+
+def test_gallery_shows_the_flagged_outliers_and_no_placeholder_tiles(base_run, tmp_path, monkeypatch):
+    """gallery.png: a row per identity, then the images flagged identity_outlier (here a strict
+    outlier_threshold flags some), each with its identity; a short row ends in plain background."""
+    from facedata import identity_stage
+
+    run = fresh_copy(base_run, tmp_path)
+    drawn: list = []
+    galleries: list = []
+    sheet, gallery = identity_stage.make_contact_sheet, identity_stage.write_gallery
+    monkeypatch.setattr(identity_stage, "make_contact_sheet",
+                        lambda items, *a, **k: sheet(drawn.extend(items) or drawn, *a, **k))
+    monkeypatch.setattr(identity_stage, "write_gallery",
+                        lambda *a, **k: galleries.append(gallery(*a, **k)) or galleries[-1])
+    # The people's faces sit 0.80-0.95 from their identity's centre: 0.815 flags the five least central.
+    report = run_identity_stage(make_config(run / "corpus.parquet", outlier_threshold=0.815), run, base_run[1])
+    flagged = {}
+    for path in sorted(identity_dir(run).glob("0*.parquet")):
+        for row, record in enumerate(pq.read_table(path).to_pylist()):
+            if record["identity_outlier"]:
+                flagged[(int(path.stem), row)] = record["identity_id"]
+    (result,) = galleries
+    assert 0 < len(flagged) and result.n_outliers == len(flagged)
+    outliers = [tile for row in result.rows for tile in row if tile.outlier]
+    assert {(t.shard, t.row): t.identity for t in outliers} == flagged  # every flagged image, with its identity
+    assert result.rows[-1][-1].outlier and "outliers" in result.title
+    identity_rows = [row for row in result.rows if not row[0].outlier]
+    assert len({row[0].identity for row in identity_rows}) == len(identity_rows)
+    assert all(len({t.identity for t in row}) == 1 for row in identity_rows)
+    # Every face drawn is a face crop; the rest of a short row is an empty slot, not a blank image.
+    images = [item for item in drawn if item[0] is not None]
+    assert len(images) == sum(map(len, result.rows))
+    for data, *_ in images:
+        with Image.open(io.BytesIO(data)) as im:
+            assert im.size == (160, 160) and im.getextrema() != ((255, 255),) * 3
+    assert sum(caption.startswith("OUTLIER of identity") for _, caption in images) == len(outliers)
+    gaps = len(drawn) - len(images)
+    assert gaps == sum(result.columns - len(row) for row in result.rows) > 0
+    assert report["gallery"] == str(identity_dir(run) / "gallery.png") == str(result.path)
