@@ -4,6 +4,7 @@ against the detector's own ceiling, on the same real photos.
     .venv/bin/python benchmarks/faces.py                 # 500 images, 2 rounds
     .venv/bin/python benchmarks/faces.py --images 1000 --rounds 3
     .venv/bin/python benchmarks/faces.py --quick         # 60-image smoke run, 1 round
+    .venv/bin/python benchmarks/faces.py --only 'ours,ours no-closeup' --rounds 6   # a subset
 
 Corpus, built once and cached in benchmarks/_work/faces_corpus/ (gitignored): JPEGs made from
 openpeople's 60 photos (1536-2752 px studio portraits, selfies and full-length shots, plus crops
@@ -24,10 +25,11 @@ on a few images before the clock starts; every contender reads the same files fr
   with one thread (onnxruntime and OpenCV), the per-core reference.
 - ours: facedata.face_stage.analyze_encoded on batches of faces.batch_size, submitted to the
   stage's own process-wide pool (one thread per core, one onnxruntime thread per call), as
-  run_face_shard does. Three configurations: the default FaceConfig (lists faces scoring >=
+  run_face_shard does. Configurations: the default FaceConfig (lists faces scoring >=
   min_score, embeds the faces of at least min_face_side of the images the filter keeps);
   "embed-all" (min_score 0.5, min_face_side 1: lists and embeds every face the detector keeps,
-  as naive does); "detect" (embed=False, as `facedata detect`).
+  as naive does); "detect" (embed=False, as `facedata detect`). And "no-closeup": the default
+  without the close-up pass (faces.closeup_pass false), to price that pass.
 - ceiling: the detector's onnxruntime session alone (the one ours uses) on pre-decoded,
   pre-resized, pre-normalised inputs prepared before the clock starts, on the same pool of
   threads: 640x640 letterboxed batches of 1 and 8, and the canvases ours actually feeds it (each
@@ -338,6 +340,10 @@ def _face_config(variant: str):
     if variant == "embed-all":
         # List and embed every face the detector keeps (its threshold is 0.5), as FaceAnalysis does.
         return FaceConfig(filter=FaceFilterConfig(min_score=0.5, min_face_side=1))
+    if variant == "no-closeup":
+        # The default without the close-up pass (the second, half-scale detection of images where
+        # a face may fill the frame): what the pass costs.
+        return FaceConfig(closeup_pass=False)
     return FaceConfig()
 
 
@@ -375,8 +381,10 @@ def worker_ours(entries: list[dict], out: Path, variant: str) -> dict:
     for future in [_pool().submit(analyze_encoded, analyzer, b, cfg, max_pixels, embed) for b in warm]:
         future.result()
     rss_loaded = _rss_mb()
+    passes_before = getattr(analyzer.detector, "second_passes", 0)
     with _Clock() as clock:
         found = run(items)
+    second_passes = getattr(analyzer.detector, "second_passes", 0) - passes_before
     dets, embeddings = [], []
     for result in found:
         rows = []
@@ -398,7 +406,7 @@ def worker_ours(entries: list[dict], out: Path, variant: str) -> dict:
         errors=sum(not hasattr(r, "faces") for r in found),
         kept=sum(getattr(r, "status", None) == "ok" for r in found),
         ort_threads=session.get_session_options().intra_op_num_threads, workers=face_workers(),
-        batch_size=cfg.batch_size, providers=session.get_providers(),
+        batch_size=cfg.batch_size, providers=session.get_providers(), closeup_second_passes=second_passes,
     )  # fmt: skip
 
 
@@ -703,6 +711,8 @@ def ratios(rows: list[dict]) -> dict:
 
     squares = [r for r in rows if r["name"].startswith("ceiling 640")]
     ceiling = max(squares, key=lambda r: r["images_per_s"], default=None)
+    ratio("ours / ours no-closeup, images/s", "ours", "ours no-closeup", "images_per_s")
+    ratio("ours / ours no-closeup, images per CPU-s", "ours", "ours no-closeup", "images_per_cpu_s")
     for ours in ("ours", "ours embed-all", "ours detect"):
         for naive in ("naive", "naive 1 thread"):
             ratio(f"{ours} / {naive}, images/s", ours, naive, "images_per_s")
@@ -715,6 +725,16 @@ def ratios(rows: list[dict]) -> dict:
     return out
 
 
+def _contender_name(kind: str, options: dict) -> str:
+    """The contender's row name in the table (the ceiling's rows all go by "ceiling")."""
+    if kind == "naive":
+        return "naive 1 thread" if options.get("threads") == 1 else "naive"
+    if kind == "ours":
+        variant = options.get("variant", "default")
+        return "ours" if variant == "default" else f"ours {variant}"
+    return kind
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=500)
@@ -722,6 +742,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="60 images, 1 round")
     ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip the cProfile breakdown")
+    ap.add_argument("--only", help="comma-separated contenders to run, e.g. 'ours,ours no-closeup' "
+                    "(names as in the table; a ceiling or naive prefix picks all its rows)")
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, help=argparse.SUPPRESS)
@@ -741,10 +763,16 @@ def main() -> None:
         ("naive", {}),
         ("naive", {"threads": 1}),
         ("ours", {"variant": "default"}),
+        ("ours", {"variant": "no-closeup"}),
         ("ours", {"variant": "embed-all"}),
         ("ours", {"variant": "detect"}),
         ("ceiling", {}),
     ]
+    if args.only:
+        wanted = {name.strip() for name in args.only.split(",")}
+        contenders = [c for c in contenders if _contender_name(*c) in wanted]
+        if not contenders:
+            ap.error(f"--only {args.only}: no such contender")
     report: dict = {
         "machine": {
             "cpus": len(os.sched_getaffinity(0)),
@@ -785,12 +813,13 @@ def main() -> None:
     report["agreement"] = {
         f"{ours} vs naive": agreement(entries, last["naive"]["dets_file"], last[ours]["dets_file"],
                                       flt.min_face_side, flt.min_score)
-        for ours in ("ours", "ours embed-all", "ours detect")
+        for ours in ("ours", "ours embed-all", "ours detect") if ours in last and "naive" in last
     }  # fmt: skip
     # Every face either lists (the detectors' own 0.5 threshold, any size): the whole output of both.
-    report["agreement"]["ours embed-all vs naive, every face"] = agreement(
-        entries, last["naive"]["dets_file"], last["ours embed-all"]["dets_file"], 0, 0.5
-    )
+    if "ours embed-all" in last and "naive" in last:
+        report["agreement"]["ours embed-all vs naive, every face"] = agreement(
+            entries, last["naive"]["dets_file"], last["ours embed-all"]["dets_file"], 0, 0.5
+        )
     if args.profile:
         report["profile"] = run_worker("profile", args.images)
     report["machine"]["loadavg_at_end"] = os.getloadavg()
@@ -800,6 +829,9 @@ def main() -> None:
     print(f"\n{args.images} images, best of {args.rounds} round(s) per contender; {report['machine']['cpus']} cores")
     print_table(rows + (report["gpu"] if gpu else []))
     print("(the ceiling's peak RSS includes its pre-made inputs; busy: CPU-seconds per second of the timed loop)")
+    for r in rows:
+        if "closeup_second_passes" in r:
+            print(f"{r['name']}: close-up pass ran on {r['closeup_second_passes']} of {r['images']} images")
     print("\nratios:")
     for label, value in report["ratios"].items():
         print(f"  {label}: {value}")

