@@ -136,7 +136,8 @@ def _one_at_a_time(run, shards, predictors, needed, cfg, limit=None) -> tuple[in
     from facedata import records
     from facedata.caption_stage import decode_faces, describe, described_faces
     from facedata.captions import compose_caption
-    from facedata.face_stage import _tar_images, face_dir
+    from facedata.face_stage import face_dir
+    from facedata.shards import tar_images
     from facedata.shards import shard_name
 
     by_step: Counter = Counter()
@@ -147,7 +148,7 @@ def _one_at_a_time(run, shards, predictors, needed, cfg, limit=None) -> tuple[in
                              columns=["key", "status", "width", "height", "ext", "faces", "primary_face",
                                       "n_faces"]).to_pylist()
         kept = {r["key"]: r for r in rows if r["status"] == records.OK and r["faces"]}
-        for key, data in _tar_images(run / "shards" / f"{name}.tar", {k: r["ext"] for k, r in kept.items()}):
+        for key, data in tar_images(run / "shards" / f"{name}.tar", {k: r["ext"] for k, r in kept.items()}):
             row = kept[key]
             ids = described_faces(row["faces"], row["primary_face"], cfg.attributes.max_faces)
             start = time.perf_counter()

@@ -34,14 +34,13 @@ from facedata.attributes.base import AttributePredictor, FaceInput, Prediction
 from facedata.attributes.vocabulary import ATTRIBUTES
 from facedata.captions import caption_stats, compose_caption, load_rewriter, rewrite_caption
 from facedata.config import AttributeConfig, Config
-from facedata.face_stage import _tar_images
 from facedata.fingerprints import Fingerprint, reusable, step_fingerprints
 from facedata.imaging import decode_rgb
 from facedata.progress import progress_bar
 from facedata.run_layout import RunLayout
 from facedata.schema import step_columns
 from facedata.step import source_of
-from facedata.shards import atomic_path, file_sha256, shard_name, write_json
+from facedata.shards import atomic_path, file_sha256, shard_name, tar_images, write_json
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +155,7 @@ def score_relevance(cfg: Config, tar_path: Path, rows: list[dict], columns: dict
     model = _relevance_model(rcfg.checkpoint)
     text_of = {key: (columns["face_caption"][i] if rcfg.text == "face_caption" else rows[i]["caption"])
                for key, i in kept.items() if statuses[i] == records.OK}
-    scored = [(key, data) for key, data in _tar_images(tar_path, {k: rows[kept[k]]["ext"] for k in text_of})]
+    scored = [(key, data) for key, data in tar_images(tar_path, {k: rows[kept[k]]["ext"] for k in text_of})]
     if not scored:
         return
     boxes = None
@@ -296,7 +295,7 @@ def run_caption_shard(shard_id: int, cfg: Config, run_dir: Path, progress: bool 
     decode_start = time.perf_counter()
     with progress_bar(total=len(wanted), desc=f"captions {name}", unit="img", progress=progress, leave=False) as bar:
         n_pending_faces = 0
-        for key, data in _tar_images(layout.images_tar(shard_id), wanted):
+        for key, data in tar_images(layout.images_tar(shard_id), wanted):
             row_index = kept[key]
             row = rows[row_index]
             face_ids = described_faces(row["faces"], row["primary_face"], acfg.max_faces)

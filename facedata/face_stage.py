@@ -76,6 +76,7 @@ from facedata.shards import (
     atomic_path,
     atomic_write_bytes,
     shard_name,
+    tar_images,
     write_json,
 )
 
@@ -261,15 +262,6 @@ def _pool() -> ThreadPoolExecutor:
 # The shard
 
 
-def _tar_images(tar_path: Path, wanted: dict[str, str]) -> Iterator[tuple[str, bytes]]:
-    """(key, bytes) of the images named `KEY.EXT` for each key -> ext in `wanted`, in tar order."""
-    with tarfile.open(tar_path) as tar:
-        for member in tar:
-            key, _, ext = member.name.partition(".")
-            if wanted.get(key) == ext:
-                yield key, tar.extractfile(member).read()
-
-
 def _batches(items: Iterable, size: int) -> Iterator[list]:
     batch = []
     for item in items:
@@ -349,7 +341,7 @@ def _analyze_shard(
             found[key] = result
         bar.update(len(keys))
 
-    images = _tar_images(tar_path, {key: ext for key, (ext, _) in wanted.items()})
+    images = tar_images(tar_path, {key: ext for key, (ext, _) in wanted.items()})
     for batch in _batches(images, cfg.faces.batch_size):
         keys = [key for key, _ in batch]
         items = [(data, wanted[key][1]) for key, data in batch]

@@ -203,6 +203,15 @@ class ShardWriter:
         return stats
 
 
+def tar_images(tar_path: Path, wanted: dict[str, str]) -> Iterator[tuple[str, bytes]]:
+    """(key, bytes) of the images named `KEY.EXT` for each key -> ext in `wanted`, in tar order."""
+    with tarfile.open(tar_path) as tar:
+        for member in tar:
+            key, _, ext = member.name.partition(".")
+            if wanted.get(key) == ext:
+                yield key, tar.extractfile(member).read()
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -37,7 +37,6 @@ import functools
 import importlib
 import importlib.util
 import logging
-import tarfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -154,20 +153,11 @@ def make_step(path: str, options: dict | None) -> ShardStep:
         raise StepError(f"step {cls.name} ({path}): options.{loc}: {e['msg']}") from None
 
 
-def _images(tar_path: Path, wanted: dict[str, str]) -> Iterator[tuple[str, bytes]]:
-    """(key, image bytes) of the wanted keys (key -> extension), in tar order."""
-    with tarfile.open(tar_path) as tar:
-        for member in tar:
-            key, _, ext = member.name.partition(".")
-            if wanted.get(key) == ext:
-                yield key, tar.extractfile(member).read()
-
-
 def run_shard_step(step: ShardStep, shard_id: int, run_dir: Path, source: str, fingerprint) -> dict:
     """Run `step` on one shard whose records `source` (the previous step) wrote, unless done under
     `fingerprint`; returns the shard's stats for this step."""
     from facedata.fingerprints import reusable
-    from facedata.shards import atomic_path, write_json
+    from facedata.shards import atomic_path, tar_images, write_json
 
     layout = RunLayout(run_dir)
     name = shard_name(shard_id)
@@ -189,7 +179,7 @@ def run_shard_step(step: ShardStep, shard_id: int, run_dir: Path, source: str, f
     images = None
     if step.needs_images:
         wanted = {r["key"]: r["ext"] for r in rows if r["status"] == records.OK}
-        images = lambda: _images(layout.images_tar(shard_id), wanted)  # noqa: E731 - read lazily, once
+        images = lambda: tar_images(layout.images_tar(shard_id), wanted)  # noqa: E731 - read lazily, once
     out = step.process(rows, images)
     if len(out.reasons) != len(rows) or any(len(v) != len(rows) for v in out.columns.values()):
         raise RuntimeError(f"step {step.name}: process() must return one value per record ({len(rows)})")

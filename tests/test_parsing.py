@@ -10,7 +10,6 @@ check that faces without them say so.
 from __future__ import annotations
 
 import json
-import re
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ from conftest import openpeople_photos, package_dir
 from PIL import Image
 
 from facedata.attributes.base import ATTRIBUTES, FaceInput
+from facedata.attributes.calibration import described_hair as described_hair_text
 from facedata.attributes.parsing import HAIR, PALETTE, PARSING_SIZE, BiSeNet, BiSeNetParsing, load_bisenet
 from facedata.config import config_from_dict
 from facedata.face_models import load_analyzer
@@ -64,16 +64,8 @@ def openpeople(openpeople_faces, model) -> list[tuple[dict, dict]]:
 
 
 def described_hair(details: dict) -> tuple[set[str], set[str]]:
-    """The hair colours and lengths a person's description allows; empty where it says nothing.
-    'Dark' hair may be black or dark brown; P005's description is about his beard."""
-    text = details["visible_traits"]["hair"]["description"].lower()
-    if "beard" in text:
-        return set(), set()
-    def stated(words):  # word starts: "blonde" says blond, "curled" does not say red
-        return {word for word in words if re.search(rf"\b{word}", text)}
-
-    colours = stated(ATTRIBUTES["hair_color"].values) or ({"black", "brown"} if "dark" in text else set())
-    return colours, stated(ATTRIBUTES["hair_length"].values)
+    """The hair colours and lengths a person's description allows (P005's is about his beard)."""
+    return described_hair_text(details["visible_traits"]["hair"]["description"])
 
 
 def test_weights_load_strictly_into_our_network():
