@@ -114,7 +114,7 @@ STEPS: dict[str, StepSpec] = {
         StepSpec("download", 1, _download_settings),
         StepSpec("faces", 1, lambda cfg: _options(cfg, "faces"), ("detector", "embedder")),
         StepSpec("identity", 1, _identity_settings),
-        StepSpec("captions", 1, _caption_settings, ("attributes",)),
+        StepSpec("captions", 2, _caption_settings, ("attributes",)),  # 2: group captions describe every described face
     )
 }
 
