@@ -20,8 +20,6 @@ from facedata.flip.search import add_search_parser, run_search_command
 from facedata.prefect_env import configure_prefect
 from flows.deploy import add_serve_parser, run_serve_command
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
 
 def _add_run(sub) -> None:
     p = sub.add_parser("run", help="Run the curation flow on a config.", description="Run the curation flow on CONFIG.")

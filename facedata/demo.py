@@ -36,8 +36,11 @@ log = logging.getLogger(__name__)
 
 # Whose photos the demo's opt-out gallery holds (openpeople's person id, never shown or logged).
 OPTED_OUT_PERSON = "P009"
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-FLIP_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "flip_tiny.yaml"
+# The shipped configs: facedata/configs is a symlink to the top-level configs/ folder in a checkout,
+# and a folder of the wheel (package data) in an installed copy.
+CONFIGS = Path(__file__).resolve().parent / "configs"
+DEMO_CONFIG = CONFIGS / "demo.yaml"
+FLIP_CONFIG = CONFIGS / "flip_tiny.yaml"
 
 # openpeople asset -> how a web page might describe it ({who} is filled from the person's metadata).
 _PERSON_SHOTS = {
