@@ -975,10 +975,14 @@ class TransformersRewriter:
             return
         try:
             import torch
+
+            from facedata.torchvision_compat import ensure_torchvision
+
+            ensure_torchvision()  # transformers imports torchvision: see that module
             import transformers
         except ImportError as e:
             raise UserError(f"captions.rewriter_model {self.model_path}: rewriting captions needs the "
-                            f"'{e.name}' package, which is not installed (pip install transformers torch)") from None
+                            f"'{e.name}' package, which is not installed (pip install 'facedata[rewriter]')") from None
         if not (self.model_path / "config.json").is_file():
             raise UserError(f"{self.model_path / 'config.json'}: not found; captions.rewriter_model must be a local "
                             "transformers model folder")

@@ -19,6 +19,7 @@ import pytest
 from facedata.attributes.base import Prediction
 from facedata.attributes.vocabulary import ATTRIBUTES
 from facedata.captions import (
+    REWRITE_PROMPT,
     TransformersRewriter,
     attribute_words,
     caption_stats,
@@ -461,3 +462,38 @@ def test_transformers_rewriter_says_what_is_missing(tmp_path):
     else:
         with pytest.raises(UserError, match="config.json"):
             load_rewriter(str(tmp_path))
+
+
+def _tiny_local_model(folder: Path) -> Path:
+    """A tiny causal language model (GPT-2 shape, random weights) with a word-level tokenizer over
+    the caption vocabulary, saved as a local transformers model folder: the rewriter's real code
+    path (load, prompt, generate, decode) without downloading anything. Its rewrites are noise."""
+    from facedata.torchvision_compat import ensure_torchvision
+
+    ensure_torchvision()
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    import torch
+
+    words = sorted({w.strip(".,").lower() for w in (REWRITE_PROMPT + " " + COMPOSED).split()} - {""})
+    vocab = {"[UNK]": 0, "[EOS]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    model = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    model.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=model, unk_token="[UNK]", eos_token="[EOS]",
+                                                     pad_token="[EOS]")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=len(vocab), n_positions=512, n_embd=16, n_layer=1, n_head=2,
+                                     bos_token_id=1, eos_token_id=1, pad_token_id=1)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_transformers_rewriter_runs_a_local_model_and_the_guard_keeps_the_caption(tmp_path):
+    """The rewriter generates with a real (tiny, untrained) local model; its noise drops the
+    caption's attributes, so the guard keeps the composed caption."""
+    folder = _tiny_local_model(tmp_path / "tiny")
+    rewriter = load_rewriter(str(folder))
+    rewritten = rewriter.rewrite(COMPOSED)
+    assert isinstance(rewritten, str) and rewritten != COMPOSED
+    assert rewrite_caption(rewriter, WOMAN, COMPOSED) == (COMPOSED, False)
