@@ -278,6 +278,39 @@ def test_help(args):
     assert proc.returncode == 0 and "usage: facedata" in proc.stdout
 
 
+GOLDEN = REPO / "tests" / "data" / "demo_golden.json"
+
+
+def demo_outcome(run_dir: Path) -> dict[str, list]:
+    """key -> [status, n_faces, primary face box (whole pixels), identity id, split, face caption] of
+    every demo record: what a restructuring of the code must leave unchanged."""
+    table = pq.read_table(sorted(run_dir.glob("captions/0*.parquet")))
+    out = {}
+    for r in table.to_pylist():
+        box = [round(v) for v in r["faces"][r["primary_face"]]["bbox"]] if r["primary_face"] is not None else None
+        out[r["key"]] = [r["status"], r["n_faces"], box, r.get("identity_id"), r.get("split"), r.get("face_caption")]
+    return dict(sorted(out.items()))
+
+
+def test_demo_records_match_the_golden_copy(demo_run):
+    """The demo's records (statuses, boxes, identities, splits, captions) as the last deliberate change
+    left them. A change meant to alter them rewrites the copy: FACEDATA_WRITE_GOLDEN=1 pytest -k golden."""
+    got = demo_outcome(demo_run)
+    if os.environ.get("FACEDATA_WRITE_GOLDEN"):
+        GOLDEN.write_text(json.dumps(got, indent=1) + "\n")
+    expected = json.loads(GOLDEN.read_text())
+
+    def same(a: list | None, b: list | None) -> bool:  # boxes within 2 px: other CPUs round otherwise
+        if a is None or b is None or (a[2] is None) != (b[2] is None):
+            return a == b
+        boxes_close = a[2] is None or all(abs(x - y) <= 2 for x, y in zip(a[2], b[2]))
+        return boxes_close and a[:2] + a[3:] == b[:2] + b[3:]
+
+    changed = {k: (expected.get(k), got.get(k)) for k in sorted(set(expected) | set(got))
+               if not same(expected.get(k), got.get(k))}
+    assert not changed, f"{len(changed)} demo records differ from {GOLDEN.name}: {list(changed.items())[:3]}"
+
+
 def test_demo_end_to_end(demo_run):
     """The embedded demo: every corpus entry ends with the status the demo expects for it, and the
     flow published the run."""
