@@ -239,6 +239,7 @@ def checked_model_infos(cfg: Config) -> dict:
 def run_curation(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
     """Check the input and the models, then run the flow with the task runner the config asks for."""
     check_input(cfg.input)
+    flow_with_runner = curation_flow(cfg)  # a runner that cannot be had (ray not installed) is one line now
     log.info("loading the models and starting Prefect")
     # Prefect's temporary server starts in its own process: it comes up while the models load. A
     # daemon thread waits for it, so that a model error is reported without waiting for the server.
@@ -256,7 +257,7 @@ def run_curation(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
     starting.join()
     if server_error:
         raise server_error[0]
-    return curation_flow(cfg)(cfg.model_dump(mode="json"), str(run_dir), progress, models)
+    return flow_with_runner(cfg.model_dump(mode="json"), str(run_dir), progress, models)
 
 
 def curation_flow(cfg: Config):
