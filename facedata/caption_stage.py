@@ -21,7 +21,6 @@ import logging
 import math
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,12 +52,6 @@ CAPTION_COLUMNS = step_columns("captions")
 
 def caption_dir(run_dir: Path) -> Path:
     return RunLayout(run_dir).step_dir("captions")
-
-
-@dataclass
-class Described:
-    faces: list[int]  # indices into the record's `faces`, primary first
-    attributes: list[dict[str, Prediction]]  # confident predictions, one dict per described face
 
 
 def thresholds(cfg: AttributeConfig) -> dict[str, float]:

@@ -30,10 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from facedata import records
-
-
-def shard_name(shard_id: int) -> str:
-    return f"{shard_id:05d}"
+from facedata.run_layout import shard_name  # noqa: F401 - the one spelling of a shard's name, re-exported
 
 
 def stats_path(shard_dir: Path, shard_id: int) -> Path:
