@@ -143,13 +143,13 @@ class RunShards:
 def _shard_ids(run_dir: Path) -> list[int]:
     """Every shard the run planned or started: the plan's list, plus any shard file in shards/."""
     ids: set[int] = set()
-    plan = run_dir / "_plan" / "plan.json"
+    plan = RunLayout(run_dir).plan_dir / "plan.json"
     if plan.exists():
         try:
             ids.update(int(s["shard_id"]) for s in json.loads(plan.read_text())["shards"])
         except (ValueError, KeyError, TypeError) as err:
             raise UserError(f"{plan}: not a readable shard plan ({err})") from None
-    for path in (run_dir / "shards").iterdir():
+    for path in RunLayout(run_dir).step_dir("download").iterdir():
         m = _SHARD_FILE.match(path.name)
         if m:
             ids.add(int(m.group(1)))
@@ -162,19 +162,20 @@ def find_shards(run_dir: Path, skip_partial: bool = False) -> RunShards:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
-    if not (run_dir / "shards").is_dir():
-        raise UserError(f"{run_dir}: not a run directory (no shards/ folder)")
-    if not (run_dir / "captions").is_dir():
-        raise UserError(f"{run_dir / 'captions'}: missing; publish needs a run whose caption stage ran")
+    layout = RunLayout(run_dir)
+    if not layout.step_dir("download").is_dir():
+        raise UserError(f"{run_dir}: not a run directory (no {layout.step_dir('download').name}/ folder)")
+    if not layout.step_dir("captions").is_dir():
+        raise UserError(f"{layout.step_dir('captions')}: missing; publish needs a run whose caption stage ran")
     ids = _shard_ids(run_dir)
     if not ids:
         raise UserError(f"{run_dir / 'shards'}: no shards in this run")
     found = RunShards(run_dir, [])
     for shard_id in ids:
         name = shard_name(shard_id)
-        final = RunLayout(run_dir).step_order()[-1]
-        needed = [run_dir / "shards" / f"{name}.stats.json", run_dir / "shards" / f"{name}.tar",
-                  RunLayout(run_dir).stats_file(final, shard_id), _captions_path(run_dir, shard_id)]
+        final = layout.step_order()[-1]
+        needed = [layout.stats_file("download", shard_id), layout.images_tar(shard_id),
+                  layout.stats_file(final, shard_id), _captions_path(run_dir, shard_id)]
         missing = next((p for p in needed if not p.exists()), None)
         if missing is None:
             found.ids.append(shard_id)
@@ -233,9 +234,9 @@ def fingerprint(shards: RunShards, options: dict) -> str:
     for shard_id in shards.ids:
         name = shard_name(shard_id)
         h.update(f"\n{name} {file_sha256(_captions_path(shards.run_dir, shard_id))}".encode())
-        h.update(f" tar={(shards.run_dir / 'shards' / f'{name}.tar').stat().st_size}".encode())
+        h.update(f" tar={RunLayout(shards.run_dir).images_tar(shard_id).stat().st_size}".encode())
         if options.get("embeddings"):
-            emb = shards.run_dir / "faces" / f"{name}.embeddings.npy"
+            emb = RunLayout(shards.run_dir).shard_file("faces", shard_id, "embeddings.npy")
             h.update(f" emb={emb.stat().st_size if emb.exists() else -1}".encode())
     return h.hexdigest()
 
@@ -256,12 +257,11 @@ def iter_samples(shards: RunShards) -> Iterator[Sample]:
     Key order, not the tar's: the download stage writes images as they arrive, so the tar's order
     differs from run to run, and a published dataset (and a model trained on it) should not."""
     for shard_id in shards.ids:
-        name = shard_name(shard_id)
         path = _captions_path(shards.run_dir, shard_id)
         kept = {r["key"]: r for r in pq.read_table(path).to_pylist() if r["status"] == records.OK}
         if not kept:
             continue
-        tar_path = shards.run_dir / "shards" / f"{name}.tar"
+        tar_path = RunLayout(shards.run_dir).images_tar(shard_id)
         try:
             with tarfile.open(tar_path, "r") as tar:
                 members = {m.name: m for m in tar.getmembers() if m.isfile()}
@@ -533,7 +533,7 @@ class _Embeddings:
 
     def get(self, sample: Sample) -> np.ndarray | None:
         if sample.shard_id != self._shard:
-            path = self.run_dir / "faces" / f"{shard_name(sample.shard_id)}.embeddings.npy"
+            path = RunLayout(self.run_dir).shard_file("faces", sample.shard_id, "embeddings.npy")
             if not path.exists():
                 raise UserError(f"{path}: missing; publish without --embeddings or resume the run")
             self._matrix = np.load(path, mmap_mode="r")
@@ -653,7 +653,7 @@ def _read_yaml(path: Path) -> dict | None:
 
 
 def _read_summary(run_dir: Path) -> dict:
-    path = run_dir / "summary.json"
+    path = RunLayout(run_dir).summary_file
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -909,7 +909,7 @@ def publish_run(run_dir: Path, dest: Path, *, overwrite: bool = False, skip_part
     if not sum(counts.values()):
         raise UserError(f"{run_dir}: no kept samples to publish")
     splits = split_order(counts)
-    config = _strip_userinfo_in(_read_yaml(run_dir / "config.yaml") or {})
+    config = _strip_userinfo_in(_read_yaml(RunLayout(run_dir).config_file) or {})
     summary = _read_summary(run_dir)
     max_pixels = int(((config.get("image") or {}).get("max_pixels")) or 89478485)
 

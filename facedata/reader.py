@@ -47,6 +47,7 @@ import pyarrow.parquet as pq
 from facedata import records
 from facedata.config import InputConfig
 from facedata.errors import UserError
+from facedata.run_layout import RunLayout
 from facedata.shards import write_json
 
 log = logging.getLogger(__name__)
@@ -853,7 +854,7 @@ def check_run_dir(run_dir: Path, cfg: InputConfig, samples_per_shard: int, setti
     except OSError as err:
         where = "" if existing == run_dir else f" (in {existing}, to create it)"
         raise InputError(f"{run_dir}: cannot write the run directory ({setting}){where}: {err.strerror}") from None
-    plan_file = run_dir / "_plan" / PLAN_FILE
+    plan_file = RunLayout(run_dir).plan_dir / PLAN_FILE
     if not plan_file.is_file():
         return
     plan = _read_plan(plan_file)

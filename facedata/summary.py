@@ -326,5 +326,5 @@ def write_run_report(run_dir: Path, faces: bool, max_sheet_items: int, contact_s
                 zoom_to_primary=True,
             )
             summary["captions_sheet"] = str(faces_sheet) if faces_sheet else None
-    write_json(run_dir / "summary.json", summary)
+    write_json(RunLayout(run_dir).summary_file, summary)
     return summary
