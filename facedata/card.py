@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from facedata import markdown
 from facedata.attributes.vocabulary import ATTRIBUTES
 from facedata.schema import field_descriptions, reasons
 from facedata.shards import atomic_path
@@ -125,16 +126,9 @@ def _pct(part: float, whole: float) -> str:
     return f"{100 * part / whole:.1f}%" if whole else "n/a"
 
 
-def _cell(value: Any) -> str:
-    """A markdown table cell: pipes escaped, no newlines."""
-    text = value if isinstance(value, str) else _fmt(value)
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").strip()
-
-
 def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-    return lines
+    """A markdown table of values shown as the card shows them (_fmt)."""
+    return markdown.table(header, ([c if isinstance(c, str) else _fmt(c) for c in row] for row in rows))
 
 
 def _sequence(value: Any) -> list:
@@ -421,20 +415,19 @@ def _reliability_section(summary: dict, config: dict) -> list[str]:
              "the share of its statements that were right (precision) and of the faces where it was stated "
              "(coverage), at the threshold this dataset applied. An attribute whose statements were not right at "
              f"least {_fmt(measured.get('target_precision', 0.9))} of the time at any threshold is not stated "
-             "unless the config asked for it.", "",
-             "| attribute | labelled faces | threshold applied | precision | coverage |", "|---|---|---|---|---|"]
+             "unless the config asked for it.", ""]
+    rows = []
     for name, entry in measured["attributes"].items():
         threshold = applied.get(name)
         calibrated = entry.get("threshold")
         if threshold is None:
-            lines.append(f"| {name} | {entry.get('n', '?')} | not stated | "
-                         f"{_fmt(entry.get('precision'))} at best | - |")
+            rows.append([name, entry.get("n", "?"), "not stated", f"{_fmt(entry.get('precision'))} at best", "-"])
         elif calibrated is not None and abs(threshold - calibrated) < 1e-9:
-            lines.append(f"| {name} | {entry['n']} | {_fmt(threshold)} | {_fmt(entry.get('precision'))} | "
-                         f"{_fmt(entry.get('coverage'))} |")
+            rows.append([name, entry["n"], threshold, entry.get("precision"), entry.get("coverage")])
         else:
-            lines.append(f"| {name} | {entry.get('n', '?')} | {_fmt(threshold)} (set by the config) | not measured "
-                         "at this threshold | - |")
+            rows.append([name, entry.get("n", "?"), f"{_fmt(threshold)} (set by the config)",
+                         "not measured at this threshold", "-"])
+    lines += _table(["attribute", "labelled faces", "threshold applied", "precision", "coverage"], rows)
     never = sorted(k.replace("=", " ") for k, v in applied.items() if "=" in k)
     if never:
         lines += ["", "Never stated (too few labelled faces show them to measure): " + ", ".join(never) + "."]

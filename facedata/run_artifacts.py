@@ -37,7 +37,7 @@ from prefect.artifacts import (
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture, as_completed
 
-from facedata import records
+from facedata import markdown, records
 from facedata.reader import ShardPlan
 
 # facedata.summary is imported where it is used: it imports the stage modules (onnxruntime,
@@ -245,13 +245,6 @@ def jpeg_data_uri(path: Path, max_chars: int = MAX_IMAGE_URI_CHARS) -> str:
         side = side * 3 // 4
 
 
-def _table(header: list[str], rows: list[list], align: str) -> list[str]:
-    """A markdown table; `align` holds one "l" or "r" per column."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
-    lines += ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in rows]
-    return lines
-
-
 def _stats_lines(summary: dict, walls: list[tuple[str, dict]]) -> list[str]:
     steps = {step["stage"]: step for step in summary["funnel"]}
     lines = [(
@@ -278,7 +271,7 @@ def _stats_lines(summary: dict, walls: list[tuple[str, dict]]) -> list[str]:
                      f"{stats['duplicate_share']:.1%} exact duplicates")
     if walls:
         lines += ["", "Wall time per stage (throughput over the shards processed in this run):", ""]
-        lines += _table(
+        lines += markdown.table(
             ["stage", "shards", "resumed", "failed", "processed", "seconds", "throughput"],
             [[stage, s["shards"], s["shards_resumed"], s["shards_failed"], f"{s['processed']} {s['unit']}",
               f"{s['seconds']:.1f}" if s["seconds"] is not None else "-",
@@ -291,7 +284,7 @@ def _stats_lines(summary: dict, walls: list[tuple[str, dict]]) -> list[str]:
     models += [["attributes", info["name"], info["version"], info["licence"]]
                for info in summary.get("attribute_models", {}).values()]
     if models:
-        lines += ["", "Models:", ""] + _table(["role", "model", "version", "licence"], models, "llll")
+        lines += ["", "Models:", ""] + markdown.table(["role", "model", "version", "licence"], models, "llll")
     return lines
 
 
@@ -302,7 +295,7 @@ def report_markdown(summary: dict, run_dir: str | Path) -> str:
 
     run_dir = Path(run_dir)
     lines = [f"# facedata run `{run_dir.name}`", "", f"Run directory: `{run_dir.resolve()}`", "", "## Funnel", ""]
-    lines += _table(
+    lines += markdown.table(
         ["stage", "status", "samples", "share"],
         [[row["stage"], row["status"], row["samples"], f"{row['share']:.1%}" if row["share"] is not None else ""]
          for row in funnel_rows(summary)],
