@@ -29,7 +29,6 @@ left/right are as seen in the image (the ArcFace template's order).
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.metadata
 import math
 import os
@@ -610,11 +609,9 @@ def _package_file(package: str, relative: str, install: str) -> tuple[Path, str]
 
 
 def _sha12(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
+    from facedata.shards import file_sha256  # imported here: it brings pyarrow
+
+    return file_sha256(path)[:12]
 
 
 def _relaxed(path: Path, batch: bool, spatial: bool) -> bytes:

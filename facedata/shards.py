@@ -209,12 +209,23 @@ def tar_images(tar_path: Path, wanted: dict[str, str]) -> Iterator[tuple[str, by
                 yield key, tar.extractfile(member).read()
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+# path -> sha256 while its size and modification time stay the same (checkpoints are hashed by
+# every command that loads them; they can be hundreds of MB).
+_SHA256_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """The file's sha256 (hex), remembered in this process while its size and mtime stay the same."""
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA256_MEMO:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _SHA256_MEMO[key] = h.hexdigest()
+    return _SHA256_MEMO[key]
 
 
 def read_stats(shard_dir: Path, shard_id: int) -> dict:

@@ -312,9 +312,9 @@ def test_eval_errors_are_one_line(trained, tmp_path):
     from facedata.flip.evaluate import evaluate, run_eval_command
 
     dataset, run_dir, _ = trained
-    with pytest.raises(UserError, match="no such checkpoint"):
+    with pytest.raises(UserError, match="missing.pt: no such file or folder"):
         evaluate(tmp_path / "missing.pt", dataset)
-    with pytest.raises(UserError, match="no checkpoints"):
+    with pytest.raises(UserError, match="without checkpoints"):
         evaluate(tmp_path, dataset)
     bad = tmp_path / "bad.pt"
     torch.save({"weights": 1}, bad)

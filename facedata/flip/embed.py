@@ -12,7 +12,6 @@ object with `model`, `tokenizer` and `eval_transform`); inputs go to the model's
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,13 +28,13 @@ from facedata.flip.model import (  # makes torchvision importable
     build_flip_model,
 )
 from facedata.imaging import ImageError, decode_rgb
+from facedata.shards import file_sha256
 
 __all__ = ["FlipCheckpoint", "SplitEmbeddings", "embed_images", "embed_split", "embed_tensors", "embed_texts",
            "face_region", "file_sha256", "load_checkpoint", "read_image_bytes", "resolve_checkpoint",
            "resolve_device"]
 
 _MAX_PIXELS = 89_478_485
-_sha_memo: dict[tuple[str, int, int], str] = {}
 
 
 @dataclass
@@ -58,13 +57,14 @@ class FlipCheckpoint:
         return self.sha256[:12]
 
 
-def resolve_device(name: str | torch.device = "auto") -> torch.device:
-    """auto: CUDA when torch sees it, else CPU; cuda without CUDA is a UserError."""
+def resolve_device(name: str | torch.device = "auto", setting: str = "device") -> torch.device:
+    """auto: CUDA when torch sees it, else CPU; cuda without CUDA is a UserError naming `setting`
+    (the config key or option the device came from)."""
     name = str(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("device: cuda was asked for but torch sees no CUDA device")
+        raise UserError(f"{setting}: cuda was asked for but torch sees no CUDA device")
     return torch.device(name)
 
 
@@ -77,41 +77,36 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if path.is_file():
         return path
     if path.is_dir():
-        found = list_checkpoints(path)
+        found = list_checkpoints(path) or list_checkpoints(path.parent)  # the run folder, or its checkpoints/
         if not found:
             raise UserError(f"checkpoint: {path}: a folder without checkpoints/step_*.pt (not a FLIP run folder)")
         return found[-1]
     raise UserError(f"checkpoint: {path}: no such file or folder")
 
 
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file, remembered in this process while its size and mtime stay the same."""
-    path = Path(path)
-    st = path.stat()
-    memo_key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if memo_key not in _sha_memo:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        _sha_memo[memo_key] = h.hexdigest()
-    return _sha_memo[memo_key]
+def read_checkpoint(path: str | Path) -> tuple[Path, dict]:
+    """(checkpoint file, its state) of a facedata FLIP checkpoint: a file, or a run folder's newest.
+    One-line UserError for anything else."""
+    from facedata.flip.train import CHECKPOINT_FORMAT
+
+    path = resolve_checkpoint(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - truncated file, not a torch file, a refused pickle
+        raise UserError(f"checkpoint: {path}: cannot read ({' '.join(str(err).split())[:200]})") from None
+    if (not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "state_dict" not in state
+            or "config" not in state):
+        raise UserError(f"checkpoint: {path}: not a facedata FLIP checkpoint (one written by facedata train)")
+    return path, state
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "auto") -> FlipCheckpoint:
     """A facedata FLIP checkpoint (a file, or a run folder for its newest) ready for inference.
     The architecture comes from the config saved in the checkpoint; nothing is downloaded."""
     from facedata.flip.config import ModelSection
-    from facedata.flip.train import CHECKPOINT_FORMAT
 
-    path = resolve_checkpoint(path)
+    path, state = read_checkpoint(path)
     device = resolve_device(device)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - truncated file, not a torch file, a refused pickle
-        raise UserError(f"checkpoint: {path}: cannot read ({' '.join(str(err).split())[:200]})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "state_dict" not in state:
-        raise UserError(f"checkpoint: {path}: not a facedata FLIP checkpoint (one written by facedata train)")
     config = state.get("config") or {}
     try:
         section = ModelSection.model_validate({**config["model"], "pretrained": None})

@@ -53,7 +53,7 @@ if TYPE_CHECKING:  # torch is imported where used: the command line's parser sta
 log = logging.getLogger("facedata.flip")
 
 __all__ = ["PROMPTS", "PromptSet", "add_eval_parser", "attribute_labels", "balanced_accuracy", "class_names",
-           "evaluate", "format_eval_table", "linear_probe", "load_checkpoint_model", "prompts_for", "retrieval_recall",
+           "evaluate", "format_eval_table", "linear_probe", "prompts_for", "retrieval_recall",
            "run_eval_command", "zero_shot_accuracy"]
 
 DEFAULT_KS = (1, 5, 10)
@@ -423,34 +423,6 @@ class _Loaded:
     info: dict[str, Any]
 
 
-def _resolve_checkpoint(path: Path) -> Path:
-    if path.is_dir():
-        from facedata.flip.train import list_checkpoints
-
-        found = list_checkpoints(path) or list_checkpoints(path.parent)
-        if not found:
-            raise UserError(f"{path}: no checkpoints/step_*.pt in this folder (a facedata train output.dir)")
-        return found[-1]
-    if not path.is_file():
-        raise UserError(f"{path}: no such checkpoint file or run folder")
-    return path
-
-
-def load_checkpoint_model(path: str | Path) -> tuple[Path, dict[str, Any]]:
-    """(checkpoint file, its state) for a facedata FLIP checkpoint or a run folder (its newest)."""
-    import torch
-
-    ckpt = _resolve_checkpoint(Path(path))
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(f"{ckpt}: cannot read checkpoint ({' '.join(str(err).split())[:200]})") from None
-    if not isinstance(state, dict) or "state_dict" not in state or "config" not in state:
-        raise UserError(f"{ckpt}: not a facedata FLIP checkpoint (it needs the training config to rebuild "
-                        "the model and its random initialisation)")
-    return ckpt, state
-
-
 def _seeded(seed: int, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     """The model `build` makes with torch's global RNG seeded as train() seeds it, without
     disturbing the caller's RNG state."""
@@ -472,7 +444,9 @@ def _load(source, seed: int | None, use_crops: bool | None, crop_scale: float | 
         return _Loaded(source.model, lambda: create_model(section), source.tokenizer, source.eval_transform,
                        size, bool(use_crops), crop_scale or 1.5, seed,
                        {"checkpoint": None, "step": None})
-    ckpt, state = load_checkpoint_model(source)
+    from facedata.flip.embed import read_checkpoint
+
+    ckpt, state = read_checkpoint(source)
     try:
         cfg = TrainConfig.model_validate(state["config"])
     except Exception as err:
@@ -495,16 +469,6 @@ def _load(source, seed: int | None, use_crops: bool | None, crop_scale: float | 
                    crop_scale or cfg.data.crop_scale, seed,
                    {"checkpoint": str(ckpt), "step": state.get("step"),
                     "pretrained_start": cfg.model.pretrained})
-
-
-def _device(name: str) -> torch.device:
-    import torch
-
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: torch sees no CUDA device")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 @dataclass
@@ -666,7 +630,9 @@ def evaluate(checkpoint_or_model, dataset_dir: str | Path, *, split: str = "test
         torch.set_num_threads(threads)
     try:
         loaded = _load(checkpoint_or_model, seed, use_crops, crop_scale)
-        dev = _device(device)
+        from facedata.flip.embed import resolve_device
+
+        dev = resolve_device(device, "--device")
         models = {"trained": loaded.model}
         if compare_random:
             models["random_init"] = _seeded(loaded.seed, loaded.baseline)

@@ -71,14 +71,6 @@ def check_inputs(cfg: TrainConfig) -> None:
         raise UserError("training.device: cuda was asked for but torch sees no CUDA device")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("training.device: cuda was asked for but torch sees no CUDA device")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
     """AdamW in two groups, as open_clip: gains, biases and logit_scale (and any other parameter
     under 2 dims) without weight decay, the rest with it."""
@@ -325,7 +317,9 @@ def train(cfg: TrainConfig, progress: bool = True,
     t_start = time.perf_counter()
     tc = cfg.training
     out_dir = Path(cfg.output.dir)
-    device = resolve_device(tc.device)
+    from facedata.flip.embed import resolve_device
+
+    device = resolve_device(tc.device, "training.device")
     precision = tc.precision if device.type == "cuda" else "fp32"
     if tc.precision != precision:
         log.info("training.precision %s is for CUDA; training on %s in fp32", tc.precision, device)
