@@ -30,16 +30,16 @@ import pyarrow.parquet as pq
 from facedata import records
 from facedata.attributes import load_predictors
 from facedata.attributes.base import AttributePredictor, FaceInput, Prediction
-from facedata.attributes.vocabulary import ATTRIBUTES
+from facedata.attributes.thresholds import NEVER, thresholds  # noqa: F401 - NEVER re-exported
 from facedata.captions import caption_stats, compose_caption, load_rewriter, rewrite_caption
-from facedata.config import AttributeConfig, Config
+from facedata.config import Config
 from facedata.fingerprints import Fingerprint, reusable, step_fingerprints
 from facedata.imaging import decode_rgb
 from facedata.progress import progress_bar
 from facedata.run_layout import RunLayout
 from facedata.schema import step_columns
-from facedata.step import source_of
 from facedata.shards import atomic_path, file_sha256, shard_name, tar_images, write_json
+from facedata.step import source_of
 
 log = logging.getLogger(__name__)
 
@@ -52,33 +52,6 @@ CAPTION_COLUMNS = step_columns("captions")
 
 def caption_dir(run_dir: Path) -> Path:
     return RunLayout(run_dir).step_dir("captions")
-
-
-def thresholds(cfg: AttributeConfig) -> dict[str, float]:
-    """Confidence each kept attribute needs; attributes not asked for are absent. A threshold set
-    in the config wins; then, when `calibrated`, the one measured on labelled faces
-    (facedata/attributes/calibration.json), where an attribute no threshold made reliable is left
-    out unless `include` names it; then min_confidence. A calibrated attribute's values that too
-    few labelled faces show (gray, white and red hair) get a key "name=value" with NEVER."""
-    from facedata.attributes.calibration import default_thresholds, withheld_values
-
-    calibrated = default_thresholds() if cfg.calibrated else {}
-    withheld = withheld_values() if cfg.calibrated else {}
-    wanted = cfg.include if cfg.include is not None else list(ATTRIBUTES)
-    needed = {}
-    for name in wanted:
-        if name in cfg.thresholds:
-            needed[name] = cfg.thresholds[name]
-        elif calibrated.get(name) is not None:
-            needed[name] = calibrated[name]
-            needed.update({f"{name}={value}": NEVER for value in withheld.get(name, ())})
-        elif name not in calibrated or cfg.include is not None:
-            needed[name] = cfg.min_confidence
-    return needed
-
-
-# A threshold no confidence reaches: that attribute value is never stated.
-NEVER = 1.01
 
 
 def confident(predicted: dict[str, Prediction], needed: dict[str, float]) -> dict[str, Prediction]:

@@ -36,6 +36,7 @@ import pandas as pd
 import yaml
 
 from facedata import markdown
+from facedata.attributes.thresholds import load_calibration
 from facedata.attributes.vocabulary import ATTRIBUTES
 from facedata.schema import field_descriptions, reasons
 from facedata.shards import atomic_path
@@ -391,22 +392,16 @@ def _thresholds(config: dict, summary: dict | None = None) -> dict[str, float]:
     stats), else as it would from the config. Keys "name=value" mark values never stated."""
     if (summary or {}).get("attribute_thresholds") is not None:
         return summary["attribute_thresholds"]
-    from facedata.caption_stage import thresholds
+    from facedata.attributes.thresholds import thresholds
     from facedata.config import AttributeConfig
 
     return thresholds(AttributeConfig.model_validate(config.get("attributes") or {}))
 
 
-def _calibration() -> dict:
-    """The shipped measurement of each attribute's precision on labelled real faces."""
-    path = Path(__file__).with_name("attributes") / "calibration.json"
-    return json.loads(path.read_text()) if path.is_file() else {"attributes": {}}
-
-
 def _reliability_section(summary: dict, config: dict) -> list[str]:
     """How often each stated attribute was right on labelled real faces, at the threshold applied."""
     applied = _thresholds(config, summary)
-    measured = _calibration()
+    measured = load_calibration()
     if not measured.get("attributes"):
         return []
     lines = ["## How often the attributes are right", "",

@@ -99,7 +99,7 @@ def _identity_settings(cfg: Config) -> dict:
 
 
 def _caption_settings(cfg: Config) -> dict:
-    from facedata.caption_stage import thresholds
+    from facedata.attributes.thresholds import thresholds
 
     settings = _options(cfg, "attributes", "captions", "relevance")
     # The thresholds applied also depend on the calibration shipped with the code.

@@ -37,10 +37,12 @@ import numpy as np
 from PIL import Image
 
 from facedata.attributes.base import FaceInput, Prediction
+from facedata.attributes.thresholds import (  # noqa: F401 - the shipped table's readers, re-exported
+    CALIBRATION_FILE, default_thresholds, load_calibration, withheld_values,
+)
 from facedata.attributes.vocabulary import ATTRIBUTES
 from facedata.packages import package_dir
 
-CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
 TARGET_PRECISION = 0.9
 MIN_STATEMENTS = 10  # fewer statements than this say too little about an attribute's precision
 MIN_PER_VALUE = 3  # a yes/no attribute needs this many labelled faces of each answer to be measured
@@ -390,20 +392,3 @@ def label_allows(faces: list[LabelledFace], name: str) -> dict[str, int]:
         for value in f.labels.get(name) or ():  # type: ignore[union-attr]
             counts[value] = counts.get(value, 0) + 1
     return counts
-
-
-def load_calibration(path: Path = CALIBRATION_FILE) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {"attributes": {}}
-
-
-def withheld_values(path: Path = CALIBRATION_FILE) -> dict[str, list[str]]:
-    """attribute -> the values of it that are not stated by default (too few labelled faces
-    show them to measure them)."""
-    return {name: entry["values_left_out"] for name, entry in load_calibration(path).get("attributes", {}).items()
-            if entry.get("values_left_out")}  # fmt: skip
-
-
-def default_thresholds(path: Path = CALIBRATION_FILE) -> dict[str, float | None]:
-    """attribute -> its calibrated threshold, or None where no threshold is right often enough
-    (left out of captions by default). Attributes not in the file are not calibrated."""
-    return {name: entry.get("threshold") for name, entry in load_calibration(path).get("attributes", {}).items()}
