@@ -14,7 +14,7 @@ import yaml
 
 from facedata.config import Config, config_from_dict, load_config
 from facedata.fingerprints import Fingerprint, StepPlan, model_infos, plan_run, step_fingerprints, write_fingerprints
-from facedata.reader import check_input, load_plan, plan_shards
+from facedata.reader import ShardPlan, check_input, load_plan, plan_shards
 from facedata.run_layout import RunLayout
 from facedata.shards import atomic_write_bytes
 from facedata.step import pipeline, run_shard_step, source_of
@@ -58,14 +58,29 @@ def dry_run(config: Config | dict | str | Path, output: str | Path) -> list[str]
     return lines + [f"({len(shard_ids)} shards planned; new input files would add shards)"]
 
 
+def run_shard(step: str, plan: ShardPlan, cfg: Config, run_dir: Path, progress: bool, fingerprint: Fingerprint) -> dict:
+    """One shard of one shard step, built-in or a user's; returns its stats. The stage modules are
+    imported here: a worker process that only downloads does not load onnxruntime, OpenCV and faiss."""
+    if step == "download":
+        from facedata.download_stage import run_download_shard
+
+        return run_download_shard(plan, cfg, run_dir, progress, fingerprint)
+    if step == "faces":
+        from facedata.face_stage import run_face_shard
+
+        return run_face_shard(plan.shard_id, cfg, run_dir, progress, fingerprint)
+    if step == "captions":
+        from facedata.caption_stage import run_caption_shard
+
+        return run_caption_shard(plan.shard_id, cfg, run_dir, progress, fingerprint)
+    return run_shard_step(dict(pipeline(cfg))[step], plan.shard_id, Path(run_dir), source_of(cfg, step), fingerprint)
+
+
 def curate(config: Config | dict | str | Path, output: str | Path | None = None, progress: bool = False) -> dict:
     """Run the curation pipeline in this process (no Prefect) and return the run's summary.
 
     `config`: a Config, a dict as in the YAML files, or a YAML path; `output`: the run directory
     (default: the config's output.dir). A rerun reuses every output whose settings did not change."""
-    from facedata.caption_stage import run_caption_shard
-    from facedata.download_stage import run_download_shard
-    from facedata.face_stage import run_face_shard
     from facedata.identity_stage import run_identity_stage
     from facedata.summary import write_run_report
 
@@ -78,27 +93,14 @@ def curate(config: Config | dict | str | Path, output: str | Path | None = None,
     begin_run(layout, cfg.model_dump(mode="json"), fingerprints, shard_ids)
     steps = list(fingerprints)
     barrier = steps.index("identity") if "identity" in steps else len(steps)
-    user_steps = dict(pipeline(cfg))
-
-    def run_step(step: str, plan) -> None:
-        fp = fingerprints[step]
-        if step == "download":
-            run_download_shard(plan, cfg, layout.root, progress, fp)
-        elif step == "faces":
-            run_face_shard(plan.shard_id, cfg, layout.root, progress, fp)
-        elif step == "captions":
-            run_caption_shard(plan.shard_id, cfg, layout.root, progress, fp)
-        else:
-            run_shard_step(user_steps[step], plan.shard_id, layout.root, source_of(cfg, step), fp)
-
     for plan in plans:
         for step in steps[:barrier]:
-            run_step(step, plan)
+            run_shard(step, plan, cfg, layout.root, progress, fingerprints[step])
     if barrier < len(steps):
         run_identity_stage(cfg, layout.root, shard_ids, fingerprints["identity"])
         for plan in plans:
             for step in steps[barrier + 1:]:
-                run_step(step, plan)
+                run_shard(step, plan, cfg, layout.root, progress, fingerprints[step])
     summary = write_run_report(layout.root, cfg.faces.enabled, cfg.output.contact_sheet_max, cfg.output.contact_sheet)
     if cfg.publish.to:
         summary["published"] = publish(layout.root, cfg)["destination"]

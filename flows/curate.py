@@ -49,20 +49,13 @@ def plan_shards_task(cfg: Config, run_dir: str) -> list[ShardPlan]:
     return plans
 
 
-@task(name="download-shard", cache_policy=NO_CACHE, task_run_name="download-shard-{plan.shard_id:05d}")
-def download_shard_task(plan: ShardPlan, cfg: Config, run_dir: str, progress: bool, fingerprint: Fingerprint) -> dict:
-    from facedata.download_stage import run_download_shard
-
-    return run_download_shard(plan, cfg, Path(run_dir), progress=progress, fingerprint=fingerprint)
-
-
-@task(name="face-shard", cache_policy=NO_CACHE, task_run_name="face-shard-{plan.shard_id:05d}")
-def face_shard_task(plan: ShardPlan, downloaded: dict, cfg: Config, run_dir: str, progress: bool,
+@task(name="shard-step", cache_policy=NO_CACHE, task_run_name="{step}-shard-{plan.shard_id:05d}")
+def shard_step_task(step: str, plan: ShardPlan, previous: dict | None, cfg: Config, run_dir: str, progress: bool,
                     fingerprint: Fingerprint) -> dict:
-    # `downloaded` (the download task's stats) is taken only so Prefect runs this task after it.
-    from facedata.face_stage import run_face_shard
+    # `previous` (the shard's stats from the step before) is taken only so Prefect runs this task after it.
+    from facedata.pipeline import run_shard
 
-    return run_face_shard(plan.shard_id, cfg, Path(run_dir), progress=progress, fingerprint=fingerprint)
+    return run_shard(step, plan, cfg, Path(run_dir), progress, fingerprint)
 
 
 @task(name="identity", cache_policy=NO_CACHE)
@@ -70,13 +63,6 @@ def identity_task(cfg: Config, run_dir: str, shard_ids: list[int], fingerprint: 
     from facedata.identity_stage import run_identity_stage
 
     return run_identity_stage(cfg, Path(run_dir), shard_ids, fingerprint=fingerprint)
-
-
-@task(name="caption-shard", cache_policy=NO_CACHE, task_run_name="caption-shard-{shard_id:05d}")
-def caption_shard_task(shard_id: int, cfg: Config, run_dir: str, progress: bool, fingerprint: Fingerprint) -> dict:
-    from facedata.caption_stage import run_caption_shard
-
-    return run_caption_shard(shard_id, cfg, Path(run_dir), progress=progress, fingerprint=fingerprint)
 
 
 @task(name="report", cache_policy=NO_CACHE)
@@ -95,15 +81,6 @@ def publish_task(cfg: Config, run_dir: str, progress: bool) -> dict:
     return publish(run_dir, cfg, progress)
 
 
-@task(name="user-step-shard", cache_policy=NO_CACHE, task_run_name="{step}-shard-{shard_id:05d}")
-def user_step_task(step: str, shard_id: int, previous: dict | None, cfg: Config, run_dir: str,
-                   fingerprint: Fingerprint) -> dict:
-    # `previous` (the step before's stats) is taken only so Prefect runs this task after it.
-    from facedata.step import pipeline, run_shard_step, source_of
-
-    return run_shard_step(dict(pipeline(cfg))[step], shard_id, Path(run_dir), source_of(cfg, step), fingerprint)
-
-
 def _submit_shards(
     plans: list[ShardPlan], steps: list[str], cfg: Config, run_dir: str, progress: bool,
     fingerprints: dict[str, Fingerprint],
@@ -116,27 +93,13 @@ def _submit_shards(
     that download has usually finished, and the downloads queued after it keep the network busy
     while it runs. (Queuing all downloads first would hold every face task back to the last one.)
     """
-    retries = cfg.runner.task_retries
-    tasks = {"download": download_shard_task, "faces": face_shard_task, "captions": caption_shard_task}
-    tasks = {name: t.with_options(retries=retries) for name, t in tasks.items()}
-    user = user_step_task.with_options(retries=retries)
+    shard_step = shard_step_task.with_options(retries=cfg.runner.task_retries)
     submitted: list[tuple[str, ShardPlan, PrefectFuture]] = []
     last: list[PrefectFuture | None] = [None] * len(plans)
 
-    def submit(step: str, plan: ShardPlan, previous: PrefectFuture | None) -> PrefectFuture:
-        fp = fingerprints[step]
-        if step == "download":
-            return tasks[step].submit(plan, cfg, run_dir, progress, fp)
-        if step == "faces":
-            return tasks[step].submit(plan, previous, cfg, run_dir, progress, fp)
-        if step == "captions":
-            return tasks[step].submit(plan.shard_id, cfg, run_dir, progress, fp,
-                                      wait_for=[previous] if previous is not None else None)
-        return user.submit(step, plan.shard_id, previous, cfg, run_dir, fp)
-
     def queue(i: int, chain: list[str]) -> None:
         for step in chain:
-            last[i] = submit(step, plans[i], last[i])
+            last[i] = shard_step.submit(step, plans[i], last[i], cfg, run_dir, progress, fingerprints[step])
             submitted.append((step, plans[i], last[i]))
 
     split = steps.index("faces") if "faces" in steps else len(steps)
