@@ -370,7 +370,7 @@ def run_face_shard(shard_id: int, cfg: Config, run_dir: Path, progress: bool = T
     if done is not None:
         log.info("face shard %s already done, skipped", name)
         return done
-    if not layout.stats_file(source, shard_id).exists():
+    if not layout.finished(source, shard_id):
         raise RuntimeError(f"{source} shard {name} is not finished; its face stage cannot run")
     dst.mkdir(parents=True, exist_ok=True)
     for stale in dst.glob(f".{name}.*.tmp"):  # left by an earlier, killed attempt

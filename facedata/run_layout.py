@@ -78,10 +78,12 @@ class RunLayout:
         except FileNotFoundError:
             return [step for step in STEP_DIRS if self.step_dir(step).is_dir()]
 
+    def finished(self, step: str, shard_id: int) -> bool:
+        """Whether `step` finished this shard: its completion record exists (the identity step
+        writes one for the whole run, last)."""
+        done = self.identity_report if step == "identity" else self.stats_file(step, shard_id)
+        return done.exists() and self.records_file(step, shard_id).exists()
+
     def latest_step(self, shard_id: int) -> str | None:
         """The last step in the run's order that has finished this shard (None: not even downloaded)."""
-        for step in reversed(self.step_order()):
-            done = self.identity_report.exists() if step == "identity" else self.stats_file(step, shard_id).exists()
-            if done and self.records_file(step, shard_id).exists():
-                return step
-        return None
+        return next((step for step in reversed(self.step_order()) if self.finished(step, shard_id)), None)

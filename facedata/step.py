@@ -165,8 +165,7 @@ def run_shard_step(step: ShardStep, shard_id: int, run_dir: Path, source: str, f
     if done is not None:
         log.info("%s shard %s already done, skipped", step.name, name)
         return done
-    source_file, source_stats = layout.records_file(source, shard_id), layout.stats_file(source, shard_id)
-    if source != "identity" and not source_stats.exists():
+    if not layout.finished(source, shard_id):
         raise RuntimeError(f"{source} shard {name} is not finished; {step.name} cannot run on it")
     out_dir = layout.step_dir(step.name)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -174,7 +173,7 @@ def run_shard_step(step: ShardStep, shard_id: int, run_dir: Path, source: str, f
         stale.unlink(missing_ok=True)
 
     started = time.time()
-    table = pq.read_table(source_file)
+    table = pq.read_table(layout.records_file(source, shard_id))
     rows = table.to_pylist()
     images = None
     if step.needs_images:
