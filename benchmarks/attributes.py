@@ -9,7 +9,7 @@ full-length shots and crops of the 6- and 16-face sheets), put through the real 
 stages once (served on loopback) and cached under benchmarks/_work/attributes_run_N/.
 
 Contenders, each in its own subprocess, models loaded before the clock starts:
-- ours: facedata.caption_stage.run_caption_shard over every shard, as the flow runs it: faces of
+- ours: the caption step (facedata.caption_stage.CaptionStep) over every shard, as the flow runs it: faces of
   attributes.batch_size per model call, each model with `threads` intra-op threads.
 - one-at-a-time: the same predictor objects, the same decoding and the same caption composer,
   but every model called with a single face, as a per-face loop would.
@@ -62,8 +62,7 @@ def prepare_run(n: int) -> tuple[Path, list[int]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from facedata.download_stage import run_download_shard
-    from facedata.face_stage import run_face_shard
+    from facedata.pipeline import run_shard
     from facedata.reader import plan_shards
     from facedata.webserver import LoopbackServer
 
@@ -81,8 +80,8 @@ def prepare_run(n: int) -> tuple[Path, list[int]]:
         cfg = _config(run)
         plans = plan_shards(cfg.input, 100, run / "_plan")
         for plan in plans:
-            run_download_shard(plan, cfg, run, progress=False)
-            run_face_shard(plan.shard_id, cfg, run, progress=False)
+            run_shard("download", plan, cfg, run, progress=False)
+            run_shard("faces", plan.shard_id, cfg, run, progress=False)
     shards = [p.shard_id for p in plans]
     done.write_text(json.dumps({"shards": shards}))
     return run, shards
@@ -97,28 +96,30 @@ def worker(kind: str, run: Path, shards: list[int], threads: int) -> dict:
     import torch
 
     from facedata.attributes import load_predictors
-    from facedata.caption_stage import caption_dir, run_caption_shard, thresholds
+    from facedata.caption_stage import thresholds
+    from facedata.pipeline import run_shard
+    from facedata.run_layout import RunLayout
 
     torch.set_num_threads(threads)
     cfg = _config(run, threads)
     load_start = time.perf_counter()
     predictors = load_predictors(cfg.attributes, cfg.faces)
     load_s = time.perf_counter() - load_start
-    shutil.rmtree(caption_dir(run), ignore_errors=True)
+    shutil.rmtree(RunLayout(run).step_dir("captions"), ignore_errors=True)
     # Warm-up: the first calls of torch and onnxruntime allocate and pick kernels.
     _one_at_a_time(run, shards[:1], predictors, thresholds(cfg.attributes), cfg, limit=4)
     wall, cpu = time.perf_counter(), _cpu_seconds()
     if kind == "ours":
-        stats = [run_caption_shard(i, cfg, run, progress=False) for i in shards]
+        stats = [run_shard("captions", i, cfg, run, progress=False) for i in shards]
         faces = sum(s["n_faces_described"] for s in stats)
-        images = sum(s["n_described"] for s in stats)
+        images = sum(s["n_in"] for s in stats)
         by_step: Counter = Counter()
         for s in stats:
             by_step.update(s["seconds_by_step"])
     else:
         faces, images, by_step = _one_at_a_time(run, shards, predictors, thresholds(cfg.attributes), cfg)
     wall, cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
-    shutil.rmtree(caption_dir(run), ignore_errors=True)
+    shutil.rmtree(RunLayout(run).step_dir("captions"), ignore_errors=True)
     return {
         "contender": kind, "threads": threads, "images": images, "faces": faces, "load_s": round(load_s, 2),
         "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
@@ -136,15 +137,14 @@ def _one_at_a_time(run, shards, predictors, needed, cfg, limit=None) -> tuple[in
     from facedata import records
     from facedata.caption_stage import decode_faces, describe, described_faces
     from facedata.captions import compose_caption
-    from facedata.face_stage import face_dir
-    from facedata.shards import tar_images
-    from facedata.shards import shard_name
+    from facedata.run_layout import RunLayout
+    from facedata.shards import shard_name, tar_images
 
     by_step: Counter = Counter()
     faces = images = 0
     for shard in shards:
         name = shard_name(shard)
-        rows = pq.read_table(face_dir(run) / f"{name}.parquet",
+        rows = pq.read_table(RunLayout(run).step_dir("faces") / f"{name}.parquet",
                              columns=["key", "status", "width", "height", "ext", "faces", "primary_face",
                                       "n_faces"]).to_pylist()
         kept = {r["key"]: r for r in rows if r["status"] == records.OK and r["faces"]}

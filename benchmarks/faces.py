@@ -25,7 +25,7 @@ on a few images before the clock starts; every contender reads the same files fr
   with one thread (onnxruntime and OpenCV), the per-core reference.
 - ours: facedata.face_stage.analyze_encoded on batches of faces.batch_size, submitted to the
   stage's own process-wide pool (one thread per core, one onnxruntime thread per call), as
-  run_face_shard does. Configurations: the default FaceConfig (lists faces scoring >=
+  the face step does. Configurations: the default FaceConfig (lists faces scoring >=
   min_score, embeds the faces of at least min_face_side of the images the filter keeps);
   "embed-all" (min_score 0.5, min_face_side 1: lists and embeds every face the detector keeps,
   as naive does); "detect" (embed=False, as `facedata detect`). And "no-closeup": the default

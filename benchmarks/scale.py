@@ -230,11 +230,9 @@ def _report_publish_seconds(run_dir: Path, dataset: Path) -> dict:
 
 def _stages_alone(config_path: str, out_json: str) -> None:
     """In this process, no Prefect: each stage over every shard in turn, timed on its own."""
-    from facedata.caption_stage import run_caption_shard
+    from facedata.pipeline import run_shard
     from facedata.config import load_config
-    from facedata.download_stage import run_download_shard
-    from facedata.face_stage import run_face_shard
-    from facedata.identity_stage import run_identity_stage
+    from facedata.pipeline import run_global
     from facedata.publish import publish
     from facedata.reader import plan_shards
     from facedata.summary import write_run_report
@@ -253,12 +251,12 @@ def _stages_alone(config_path: str, out_json: str) -> None:
 
     plans = timed("plan", plan_shards, cfg.input, cfg.shards.samples_per_shard, run_dir / "_plan")
     for plan in plans:
-        timed("download", run_download_shard, plan, cfg, run_dir, progress=False)
+        timed("download", run_shard, "download", plan, cfg, run_dir, progress=False)
     for plan in plans:
-        timed("faces", run_face_shard, plan.shard_id, cfg, run_dir, progress=False)
-    timed("identity", run_identity_stage, cfg, run_dir, [p.shard_id for p in plans])
+        timed("faces", run_shard, "faces", plan.shard_id, cfg, run_dir, progress=False)
+    timed("identity", run_global, "identity", cfg, run_dir, [p.shard_id for p in plans])
     for plan in plans:
-        timed("captions", run_caption_shard, plan.shard_id, cfg, run_dir, progress=False)
+        timed("captions", run_shard, "captions", plan.shard_id, cfg, run_dir, progress=False)
     summary = timed("report", write_run_report, run_dir, True, cfg.output.contact_sheet_max, cfg.output.contact_sheet)
     p = cfg.publish
     timed("publish", publish, run_dir, p.to, private=p.private, overwrite=True, crops=p.crops,

@@ -24,7 +24,6 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from facedata import records
@@ -33,13 +32,11 @@ from facedata.attributes.base import AttributePredictor, FaceInput, Prediction
 from facedata.attributes.thresholds import NEVER, thresholds  # noqa: F401 - NEVER re-exported
 from facedata.captions import caption_stats, compose_caption, load_rewriter, rewrite_caption
 from facedata.config import Config
-from facedata.fingerprints import Fingerprint, reusable, step_fingerprints
 from facedata.imaging import decode_rgb
-from facedata.progress import progress_bar
-from facedata.run_layout import RunLayout
+from facedata.schema import reasons as schema_reasons
 from facedata.schema import step_columns
-from facedata.shards import atomic_path, file_sha256, shard_name, tar_images, write_json
-from facedata.step import source_of
+from facedata.shards import tar_images
+from facedata.step import Shard, ShardStep, StepOutput
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +46,6 @@ DECODE_MIN_FACE_SIDE = 256
 
 CAPTION_COLUMNS = step_columns("captions")
 
-
-def caption_dir(run_dir: Path) -> Path:
-    return RunLayout(run_dir).step_dir("captions")
 
 
 def confident(predicted: dict[str, Prediction], needed: dict[str, float]) -> dict[str, Prediction]:
@@ -170,149 +164,119 @@ def _face_attributes(face_ids: list[int], attributes: list[dict[str, Prediction]
     ]
 
 
-def run_caption_shard(shard_id: int, cfg: Config, run_dir: Path, progress: bool = True,
-                      fingerprint: Fingerprint | None = None) -> dict:
-    """Describe and caption the kept faces of one shard, unless already done under the same
-    settings and models (`fingerprint`, by default the config's) and records; returns its stats."""
-    layout = RunLayout(run_dir)
-    run_dir = layout.root
-    dst = layout.step_dir("captions")
-    name = shard_name(shard_id)
-    source = layout.records_file(source_of(cfg, "captions"), shard_id)
-    if not source.exists():
-        raise RuntimeError(f"{source} is missing: run the stages before captions first")
-    source_digest = file_sha256(source)
-    fingerprint = fingerprint or step_fingerprints(cfg)["captions"]
-    previous: dict[str, dict] = {}
-    stats = reusable(layout.stats_file("captions", shard_id), fingerprint, f"caption shard {name}")
-    if stats is not None:
-        if stats.get("source_digest") == source_digest:
-            log.info("caption shard %s already done, skipped", name)
-            return stats
-        # The identity stage was redone over a grown input, so some images' statuses changed: the
-        # shard is captioned again, and its images described before are not described twice.
-        previous = _previous_descriptions(layout.records_file("captions", shard_id))
-        log.info("caption shard %s: its records changed since it was captioned; captioned again (%d images "
-                 "described before)", name, len(previous))
-    dst.mkdir(parents=True, exist_ok=True)
-    for stale in dst.glob(f".{name}.*.tmp"):  # left by an earlier, killed attempt
-        stale.unlink(missing_ok=True)
+class CaptionStep(ShardStep):
+    """Describe and caption the kept faces of one shard."""
 
-    started = time.time()
-    acfg = cfg.attributes
-    predictors = load_predictors(acfg, cfg.faces)
-    rewriter = load_rewriter(cfg.captions.rewriter_model) if cfg.captions.rewriter_model else None
-    needed = thresholds(acfg)
-    table = pq.read_table(source)
-    rows = table.select(["key", "status", "caption", "width", "height", "ext", "faces", "primary_face",
-                         "n_faces"]).to_pylist()
-    kept = {r["key"]: i for i, r in enumerate(rows) if r["status"] == records.OK and r["faces"]}
+    name = "captions"
+    reasons = schema_reasons("captions")
+    columns = CAPTION_COLUMNS
+    status_column = None  # the records' `status` says it; captions keep no column of their own
 
-    columns: dict[str, list] = {c: [None] * len(rows) for c in CAPTION_COLUMNS}
-    statuses = table.column("status").to_pylist()
-    seconds: Counter = Counter()
-    attribute_counts: Counter = Counter()
-    n_faces_described = n_faces_new = 0
-    pending: list[tuple[int, list[int], list[FaceInput]]] = []
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
 
-    def record(row_index: int, described: list[dict]) -> None:
-        """The row's face_attributes (primary face first) and the status they give it."""
-        nonlocal n_faces_described
-        n_faces_described += len(described)
-        for face in described:
-            attribute_counts.update(name for name, value in face["values"].items() if value is not None)
-        columns["face_attributes"][row_index] = described
-        columns["n_valid_labels"][row_index] = sum(v is not None for v in described[0]["values"].values())
-        if columns["n_valid_labels"][row_index] < acfg.min_valid_labels:
-            statuses[row_index] = records.TOO_FEW_ATTRIBUTES
+    def run(self, shard: Shard) -> StepOutput:
+        cfg = self.cfg
+        acfg = cfg.attributes
+        # The images an earlier captioning of the shard described (same settings; only the records
+        # changed, e.g. identity was redone over a grown input) are not described twice.
+        previous = _previous_descriptions(shard.previous) if shard.previous else {}
+        predictors = load_predictors(acfg, cfg.faces)
+        rewriter = load_rewriter(cfg.captions.rewriter_model) if cfg.captions.rewriter_model else None
+        needed = thresholds(acfg)
+        rows = shard.table.select(["key", "status", "caption", "width", "height", "ext", "faces", "primary_face",
+                                   "n_faces"]).to_pylist()
+        kept = {r["key"]: i for i, r in enumerate(rows) if r["status"] == records.OK and r["faces"]}
 
-    def flush() -> None:
-        nonlocal n_faces_new
-        faces = [face for _, _, inputs in pending for face in inputs]
-        n_faces_new += len(faces)
-        described = describe(predictors, faces, needed, seconds)
-        at = 0
-        for row_index, face_ids, inputs in pending:
-            attrs = described[at : at + len(inputs)]
-            at += len(inputs)
-            row = rows[row_index]
-            record(row_index, _face_attributes(face_ids, attrs))
-            if statuses[row_index] == records.TOO_FEW_ATTRIBUTES:
-                continue
-            if cfg.captions.enabled:
-                composed = compose_caption(attrs, row["n_faces"], seed=f"{cfg.captions.seed}:{row['key']}")
-                if rewriter is not None:
-                    composed, columns["caption_rewritten"][row_index] = rewrite_caption(rewriter, attrs, composed)
-                columns["face_caption"][row_index] = composed
-        pending.clear()
+        columns: dict[str, list] = {c: [None] * len(rows) for c in CAPTION_COLUMNS}
+        statuses = [r["status"] for r in rows]
+        seconds: Counter = Counter()
+        attribute_counts: Counter = Counter()
+        n_faces_described = n_faces_new = 0
+        pending: list[tuple[int, list[int], list[FaceInput]]] = []
 
-    wanted = {}
-    for key, row_index in kept.items():
-        before = previous.get(key)
-        face_ids = described_faces(rows[row_index]["faces"], rows[row_index]["primary_face"], acfg.max_faces)
-        if before is not None and [face["face"] for face in before["face_attributes"]] == face_ids:
-            record(row_index, before["face_attributes"])
-            columns["face_caption"][row_index] = before["face_caption"]
-            columns["caption_rewritten"][row_index] = before["caption_rewritten"]
-        else:
-            wanted[key] = rows[row_index]["ext"]
-    n_reused = len(kept) - len(wanted)
+        def record(row_index: int, described: list[dict]) -> None:
+            """The row's face_attributes (primary face first) and the status they give it."""
+            nonlocal n_faces_described
+            n_faces_described += len(described)
+            for face in described:
+                attribute_counts.update(name for name, value in face["values"].items() if value is not None)
+            columns["face_attributes"][row_index] = described
+            columns["n_valid_labels"][row_index] = sum(v is not None for v in described[0]["values"].values())
+            if columns["n_valid_labels"][row_index] < acfg.min_valid_labels:
+                statuses[row_index] = records.TOO_FEW_ATTRIBUTES
 
-    decode_start = time.perf_counter()
-    with progress_bar(total=len(wanted), desc=f"captions {name}", unit="img", progress=progress, leave=False) as bar:
-        n_pending_faces = 0
-        for key, data in tar_images(layout.images_tar(shard_id), wanted):
-            row_index = kept[key]
-            row = rows[row_index]
-            face_ids = described_faces(row["faces"], row["primary_face"], acfg.max_faces)
-            t = time.perf_counter()
-            inputs = decode_faces(data, row, face_ids, cfg.image.max_pixels)
-            seconds["decode"] += time.perf_counter() - t
-            pending.append((row_index, face_ids, inputs))
-            n_pending_faces += len(inputs)
-            if n_pending_faces >= acfg.batch_size:
+        def flush() -> None:
+            nonlocal n_faces_new
+            faces = [face for _, _, inputs in pending for face in inputs]
+            n_faces_new += len(faces)
+            described = describe(predictors, faces, needed, seconds)
+            at = 0
+            for row_index, face_ids, inputs in pending:
+                attrs = described[at : at + len(inputs)]
+                at += len(inputs)
+                row = rows[row_index]
+                record(row_index, _face_attributes(face_ids, attrs))
+                if statuses[row_index] == records.TOO_FEW_ATTRIBUTES:
+                    continue
+                if cfg.captions.enabled:
+                    composed = compose_caption(attrs, row["n_faces"], seed=f"{cfg.captions.seed}:{row['key']}")
+                    if rewriter is not None:
+                        composed, columns["caption_rewritten"][row_index] = rewrite_caption(rewriter, attrs, composed)
+                    columns["face_caption"][row_index] = composed
+            pending.clear()
+
+        wanted = {}
+        for key, row_index in kept.items():
+            before = previous.get(key)
+            face_ids = described_faces(rows[row_index]["faces"], rows[row_index]["primary_face"], acfg.max_faces)
+            if before is not None and [face["face"] for face in before["face_attributes"]] == face_ids:
+                record(row_index, before["face_attributes"])
+                columns["face_caption"][row_index] = before["face_caption"]
+                columns["caption_rewritten"][row_index] = before["caption_rewritten"]
+            else:
+                wanted[key] = rows[row_index]["ext"]
+        n_reused = len(kept) - len(wanted)
+
+        decode_start = time.perf_counter()
+        with shard.progress_bar(len(wanted)) as bar:
+            n_pending_faces = 0
+            for key, data in shard.images(wanted):
+                row_index = kept[key]
+                row = rows[row_index]
+                face_ids = described_faces(row["faces"], row["primary_face"], acfg.max_faces)
+                t = time.perf_counter()
+                inputs = decode_faces(data, row, face_ids, cfg.image.max_pixels)
+                seconds["decode"] += time.perf_counter() - t
+                pending.append((row_index, face_ids, inputs))
+                n_pending_faces += len(inputs)
+                if n_pending_faces >= acfg.batch_size:
+                    flush()
+                    n_pending_faces = 0
+                bar.update(1)
+            if pending:
                 flush()
-                n_pending_faces = 0
-            bar.update(1)
-        if pending:
-            flush()
-    missing = [key for key, i in kept.items() if columns["face_attributes"][i] is None]
-    if missing:
-        raise RuntimeError(f"{layout.images_tar(shard_id)} lacks {len(missing)} kept images, e.g. {missing[0]}")
-    if cfg.relevance.checkpoint:
-        start = time.perf_counter()
-        score_relevance(cfg, layout.images_tar(shard_id), rows, columns, statuses, kept)
-        seconds["relevance"] += time.perf_counter() - start
-    total_seconds = time.perf_counter() - decode_start
+        images_tar = shard.layout.images_tar(shard.id)
+        missing = [key for key, i in kept.items() if columns["face_attributes"][i] is None]
+        if missing:
+            raise RuntimeError(f"{images_tar} lacks {len(missing)} kept images, e.g. {missing[0]}")
+        if cfg.relevance.checkpoint:
+            start = time.perf_counter()
+            score_relevance(cfg, images_tar, rows, columns, statuses, kept)
+            seconds["relevance"] += time.perf_counter() - start
+        total_seconds = time.perf_counter() - decode_start
 
-    table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(statuses, pa.string()))
-    for column, type_ in CAPTION_COLUMNS.items():
-        table = table.append_column(column, pa.array(columns[column], type_))
-    with atomic_path(dst / f"{name}.parquet") as tmp:
-        pq.write_table(table, tmp)
-    captions = [c for c in columns["face_caption"] if c is not None]
-    stats = {
-        "shard_id": shard_id,
-        "n_samples": len(rows),
-        "n_described": len(kept),
-        "n_reused": n_reused,  # described in an earlier captioning of the shard, not again
-        "n_faces_described": n_faces_described,
-        "n_ok": statuses.count(records.OK),
-        "n_captions": len(captions),
-        "status_counts": dict(sorted(Counter(statuses).items())),
-        "caption_status_counts": dict(sorted(Counter(statuses[i] for i in kept.values()).items())),
-        "attribute_counts": dict(sorted(attribute_counts.items())),
-        **description_settings(cfg),
-        "source_digest": source_digest,  # the records captioned: a redone identity stage changes it
-        "fingerprint": fingerprint.as_dict(),
-        "seconds": round(total_seconds, 3),
-        "seconds_by_step": {k: round(v, 3) for k, v in sorted(seconds.items())},
-        "faces_per_second": round(n_faces_new / total_seconds, 2) if total_seconds and n_faces_new else None,
-        "caption_stats": caption_stats(captions, [columns["n_valid_labels"][i] for i in kept.values()]),
-        "started_at": started,
-        "finished_at": time.time(),
-    }
-    write_json(layout.stats_file("captions", shard_id), stats)
-    log.info("caption shard %s: %d images, %d faces described, %d captions", name, len(kept),
-             n_faces_described, len(captions))
-    return stats
+        captions = [c for c in columns["face_caption"] if c is not None]
+        reasons = [None if row["status"] != records.OK or status == records.OK else status
+                   for row, status in zip(rows, statuses)]
+        return StepOutput(columns=columns, reasons=reasons, summary=(
+            f"{len(kept)} images, {n_faces_described} faces described, {len(captions)} captions"), stats={
+            "n_reused": n_reused,  # described in an earlier captioning of the shard, not again
+            "n_faces_described": n_faces_described,
+            "n_captions": len(captions),
+            "attribute_counts": dict(sorted(attribute_counts.items())),
+            **description_settings(cfg),
+            "seconds_by_step": {k: round(v, 3) for k, v in sorted(seconds.items())},
+            "faces_per_second": round(n_faces_new / total_seconds, 2) if total_seconds and n_faces_new else None,
+            "caption_stats": caption_stats(captions, [columns["n_valid_labels"][i] for i in kept.values()]),
+        })

@@ -11,18 +11,16 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
-import pyarrow.parquet as pq
+import pyarrow as pa
 
 from facedata import records
 from facedata.config import Config
 from facedata.downloader import Downloader
 from facedata.imaging import process_image
-from facedata.progress import progress_bar
-from facedata.reader import ShardPlan
-from facedata.fingerprints import Fingerprint, reusable, step_fingerprints
-from facedata.run_layout import RunLayout
 from facedata.schema import COLUMNS
-from facedata.shards import ShardWriter
+from facedata.schema import reasons as schema_reasons
+from facedata.shards import ImageTar
+from facedata.step import Shard, ShardStep, StepOutput
 
 log = logging.getLogger(__name__)
 
@@ -79,48 +77,53 @@ def process_sample(sample: dict, downloader: Downloader, cfg: Config) -> tuple[d
     return result, image.data
 
 
-def run_download_shard(plan: ShardPlan, cfg: Config, run_dir: Path, progress: bool = True,
-                       fingerprint: Fingerprint | None = None) -> dict:
-    """Process one planned shard, unless it is already done under the same settings (`fingerprint`,
-    by default the config's); returns the shard's stats."""
-    layout = RunLayout(run_dir)
-    shard_dir = layout.step_dir("download")
-    fingerprint = fingerprint or step_fingerprints(cfg, models={})["download"]
-    done = reusable(layout.stats_file("download", plan.shard_id), fingerprint, f"shard {plan.shard_id:05d}")
-    if done is not None:
-        log.info("shard %05d already done, skipped", plan.shard_id)
-        return done
-    samples = pq.read_table(plan.path).to_pylist()
-    writer = ShardWriter(shard_dir, plan.shard_id)
-    started = time.perf_counter()
-    # Bound the samples in flight so memory stays flat however large the shard is.
-    max_in_flight = 4 * cfg.download.concurrency
-    try:
-        with Downloader(cfg.download) as downloader, ThreadPoolExecutor(cfg.download.concurrency) as pool, progress_bar(
-            total=len(samples), desc=f"shard {plan.shard_id:05d}", unit="img", progress=progress, leave=False
-        ) as bar:
-            pending = set()
-            queue = iter(samples)
-            while True:
-                for sample in queue:
-                    pending.add(pool.submit(process_sample, sample, downloader, cfg))
-                    if len(pending) >= max_in_flight:
+class DownloadStep(ShardStep):
+    """Fetch, decode and filter one planned shard's images: the records (RECORD_FIELDS, then the
+    plan's extra columns, sorted by key) and the kept images' tar (ImageTar)."""
+
+    name = "download"
+    reasons = schema_reasons("input", "download", "image")
+    status_column = None  # every record's `status` is the download's verdict (or an input problem)
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def run(self, shard: Shard) -> StepOutput:
+        cfg = self.cfg
+        samples = shard.rows
+        tar = ImageTar(shard.file("tar"))
+        results: list[dict] = []
+        started = time.perf_counter()
+        # Bound the samples in flight so memory stays flat however large the shard is.
+        max_in_flight = 4 * cfg.download.concurrency
+        try:
+            with Downloader(cfg.download) as downloader, ThreadPoolExecutor(cfg.download.concurrency) as pool, \
+                    shard.progress_bar(len(samples)) as bar:
+                pending = set()
+                queue = iter(samples)
+                while True:
+                    for sample in queue:
+                        pending.add(pool.submit(process_sample, sample, downloader, cfg))
+                        if len(pending) >= max_in_flight:
+                            break
+                    if not pending:
                         break
-                if not pending:
-                    break
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    record, image = future.result()
-                    writer.add(record, image, record["ext"])
-                    bar.update()
-    except BaseException:
-        writer.abort()
-        raise
-    seconds = time.perf_counter() - started
-    stats = writer.close({"process_seconds": round(seconds, 3), "fingerprint": fingerprint.as_dict()})
-    log.info(
-        "shard %05d: %d/%d ok in %.1f s (%s)",
-        plan.shard_id, stats["n_ok"], stats["n_samples"], seconds,
-        ", ".join(f"{k}={v}" for k, v in stats["status_counts"].items()),
-    )
-    return stats
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        record, image = future.result()
+                        tar.add(record, image, record["ext"])
+                        results.append(record)
+                        bar.update()
+            tar.close()
+        except BaseException:
+            tar.abort()
+            raise
+        # Sorted by key, so a rerun writes the same parquet whatever the order downloads finished in.
+        rows = sorted(results, key=lambda r: r["key"])
+        table = pa.Table.from_pylist(rows) if rows else pa.table({"key": pa.array([], pa.string()),
+                                                                   "status": pa.array([], pa.string())})
+        return StepOutput(table=table, stats={
+            "bytes_downloaded": sum(r.get("bytes_downloaded") or 0 for r in rows),
+            "bytes_stored": shard.file("tar").stat().st_size,
+            "process_seconds": round(time.perf_counter() - started, 3),
+        })

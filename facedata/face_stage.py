@@ -43,15 +43,13 @@ import os
 import tarfile
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
 from facedata import records
@@ -66,19 +64,11 @@ from facedata.face_models import (
     primary_index,
     sharpness,
 )
-from facedata.fingerprints import Fingerprint, reusable, step_fingerprints
 from facedata.imaging import ImageError, decode_rgb
-from facedata.progress import progress_bar
-from facedata.run_layout import RunLayout
 from facedata.schema import step_columns
-from facedata.step import source_of
-from facedata.shards import (
-    atomic_path,
-    atomic_write_bytes,
-    shard_name,
-    tar_images,
-    write_json,
-)
+from facedata.schema import reasons as schema_reasons
+from facedata.step import Shard, ShardStep, StepOutput
+from facedata.shards import atomic_path, atomic_write_bytes, tar_images
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +80,6 @@ _MIN_DECODED_FACE = 90
 # Columns the face step adds, with their types (null for rows it did not analyse).
 FACE_COLUMNS = step_columns("faces")
 
-
-def face_dir(run_dir: Path) -> Path:
-    return RunLayout(run_dir).step_dir("faces")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,107 +343,76 @@ def _analyze_shard(
     return found
 
 
-def run_face_shard(shard_id: int, cfg: Config, run_dir: Path, progress: bool = True,
-                   fingerprint: Fingerprint | None = None) -> dict:
-    """Find, embed and filter the faces of one finished download shard, unless already done under
-    the same settings and models (`fingerprint`, by default the config's); returns its stats."""
-    layout = RunLayout(run_dir)
-    run_dir = layout.root
-    source = source_of(cfg, "faces")  # download, or a user's step after it
-    dst = layout.step_dir("faces")
-    name = shard_name(shard_id)
-    fingerprint = fingerprint or step_fingerprints(cfg)["faces"]
-    done = reusable(layout.stats_file("faces", shard_id), fingerprint, f"face shard {name}")
-    if done is not None:
-        log.info("face shard %s already done, skipped", name)
-        return done
-    if not layout.finished(source, shard_id):
-        raise RuntimeError(f"{source} shard {name} is not finished; its face stage cannot run")
-    dst.mkdir(parents=True, exist_ok=True)
-    for stale in dst.glob(f".{name}.*.tmp"):  # left by an earlier, killed attempt
-        stale.unlink(missing_ok=True)
+class FaceStep(ShardStep):
+    """Find, embed and filter the faces of one shard's kept images."""
 
-    started = time.time()
-    analyzer = stage_analyzer(cfg.faces)
-    table = pq.read_table(layout.records_file(source, shard_id))
-    rows = table.select(["key", "status", "width", "height", "ext"]).to_pylist()
-    wanted = {r["key"]: (r["ext"], (r["width"], r["height"])) for r in rows if r["status"] == records.OK}
-    crops = _CropWriter(dst / f"{name}.crops.tar") if cfg.faces.save_crops else None
-    try:
-        with progress_bar(total=len(wanted), desc=f"faces {name}", unit="img", progress=progress, leave=False) as bar:
-            found = _analyze_shard(analyzer, layout.images_tar(shard_id), wanted, cfg, crops, bar)
-        missing = sorted(set(wanted) - set(found))
-        if missing:
-            raise RuntimeError(f"{layout.images_tar(shard_id)} lacks {len(missing)} kept images, e.g. {missing[0]}; redo the shard")
-    except BaseException:
+    name = "faces"
+    reasons = schema_reasons("faces", "image")  # an image that fails to decode here too
+    columns = FACE_COLUMNS
+    status_column = "face_status"
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def run(self, shard: Shard) -> StepOutput:
+        cfg = self.cfg
+        analyzer = stage_analyzer(cfg.faces)
+        rows = shard.table.select(["key", "status", "width", "height", "ext"]).to_pylist()
+        wanted = {r["key"]: (r["ext"], (r["width"], r["height"])) for r in rows if r["status"] == records.OK}
+        crops = _CropWriter(shard.file("crops.tar")) if cfg.faces.save_crops else None
+        images_tar = shard.layout.images_tar(shard.id)
+        try:
+            with shard.progress_bar(len(wanted)) as bar:
+                found = _analyze_shard(analyzer, images_tar, wanted, cfg, crops, bar)
+            missing = sorted(set(wanted) - set(found))
+            if missing:
+                raise RuntimeError(f"{images_tar} lacks {len(missing)} kept images, e.g. {missing[0]}; redo the shard")
+        except BaseException:
+            if crops is not None:
+                crops.close(failed=True)
+            raise
         if crops is not None:
-            crops.close(failed=True)
-        raise
-    if crops is not None:
-        crops.close()
+            crops.close()
 
-    # The new columns in record order; embedding rows follow the same order.
-    columns: dict[str, list] = {c: [None] * len(rows) for c in FACE_COLUMNS}
-    statuses = table.column("status").to_pylist()
-    errors = table.column("error").to_pylist()
-    embeddings: list[np.ndarray] = []
-    for i, row in enumerate(rows):
-        result = found.get(row["key"])
-        if result is None:
-            continue
-        statuses[i] = columns["face_status"][i] = result.status
-        if isinstance(result, ImageError):
-            errors[i] = str(result)
-            continue
-        errors[i] = result.error
-        faces = []
-        for j, face in enumerate(result.faces):
-            index = None
-            if face.embedding is not None:
-                index = len(embeddings)
-                embeddings.append(face.embedding)
-            faces.append(_face_row(face, j == result.primary, index))
-        columns["n_faces"][i] = len(faces)
-        columns["faces"][i] = faces
-        columns["primary_face"][i] = result.primary
-        columns["face_detector"][i] = analyzer.detector_info.name
-        columns["face_embedder"][i] = analyzer.embedder_info.name
-
-    _write_embeddings(dst / f"{name}.embeddings.npy", embeddings, analyzer.embedding_dim)
-    table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(statuses, pa.string()))
-    table = table.set_column(table.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))
-    for column, type_ in FACE_COLUMNS.items():
-        table = table.append_column(column, pa.array(columns[column], type_))
-    with atomic_path(dst / f"{name}.parquet") as tmp:
-        pq.write_table(table, tmp)
-
-    finished = time.time()
-    stats = {
-        "shard_id": shard_id,
-        "n_samples": len(rows),
-        "n_analyzed": len(wanted),
-        "n_ok": statuses.count(records.OK),
-        "n_faces": sum(n or 0 for n in columns["n_faces"]),
-        "n_embeddings": len(embeddings),
-        "status_counts": dict(sorted(Counter(statuses).items())),
-        "face_status_counts": dict(sorted(Counter(s for s in columns["face_status"] if s).items())),
-        "models": {"detector": analyzer.detector_info.as_dict(), "embedder": analyzer.embedder_info.as_dict()},
-        "embedding_dim": analyzer.embedding_dim,
-        "backend": cfg.faces.backend,
-        "det_size": cfg.faces.det_size,
-        "filter": cfg.faces.filter.model_dump(),
-        "started_at": started,
-        "finished_at": finished,
-        "seconds": round(finished - started, 3),
-        "images_per_second": round(len(wanted) / max(finished - started, 1e-9), 2),
-        "fingerprint": fingerprint.as_dict(),
-    }
-    write_json(layout.stats_file("faces", shard_id), stats)
-    log.info(
-        "face shard %s: %d of %d images with usable faces, %d faces, %.1f images/s",
-        name, stats["face_status_counts"].get(records.OK, 0), len(wanted), stats["n_faces"], stats["images_per_second"],
-    )
-    return stats
+        # The new columns in record order; embedding rows follow the same order.
+        out = StepOutput(columns={c: [None] * len(rows) for c in FACE_COLUMNS if c != self.status_column},
+                         reasons=[None] * len(rows))
+        columns = out.columns
+        embeddings: list[np.ndarray] = []
+        for i, row in enumerate(rows):
+            result = found.get(row["key"])
+            if result is None:
+                continue
+            out.reasons[i] = None if result.status == records.OK else result.status
+            if isinstance(result, ImageError):
+                out.errors[i] = str(result)
+                continue
+            out.errors[i] = result.error
+            faces = []
+            for j, face in enumerate(result.faces):
+                index = None
+                if face.embedding is not None:
+                    index = len(embeddings)
+                    embeddings.append(face.embedding)
+                faces.append(_face_row(face, j == result.primary, index))
+            columns["n_faces"][i] = len(faces)
+            columns["faces"][i] = faces
+            columns["primary_face"][i] = result.primary
+            columns["face_detector"][i] = analyzer.detector_info.name
+            columns["face_embedder"][i] = analyzer.embedder_info.name
+        _write_embeddings(shard.file("embeddings.npy"), embeddings, analyzer.embedding_dim)
+        n_faces = sum(n or 0 for n in columns["n_faces"])
+        out.stats = {
+            "n_faces": n_faces,
+            "n_embeddings": len(embeddings),
+            "models": {"detector": analyzer.detector_info.as_dict(), "embedder": analyzer.embedder_info.as_dict()},
+            "embedding_dim": analyzer.embedding_dim,
+            "backend": cfg.faces.backend,
+            "det_size": cfg.faces.det_size,
+            "filter": cfg.faces.filter.model_dump(),
+        }
+        out.summary = f"{n_faces} faces"
+        return out
 
 
 # ---------------------------------------------------------------------------------------------

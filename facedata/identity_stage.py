@@ -27,7 +27,6 @@ import logging
 import os
 import tarfile
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,27 +45,19 @@ from facedata.clustering import cluster, cluster_summary
 from facedata.config import Config, FaceConfig, IdentityConfig
 from facedata.contact_sheet import make_contact_sheet
 from facedata.errors import UserError
-from facedata.face_stage import face_dir
-from facedata.fingerprints import Fingerprint, reusable, step_fingerprints
 from facedata.knn import build_knn
 from facedata.run_layout import RunLayout
-from facedata.step import source_of
-from facedata.shards import atomic_path, shard_name, write_json
+from facedata.schema import reasons as schema_reasons
+from facedata.schema import step_columns
+from facedata.step import GlobalStep, StepOutput
+from facedata.shards import atomic_path
 
 log = logging.getLogger(__name__)
 
-DONE_FILE = "identity.json"
 SPLITS = ("train", "validation", "test")
+IDENTITY_COLUMNS = step_columns("identity")
 _GALLERY_PER_ROW = 8
 _GALLERY_OUTLIER_ROWS = 2
-
-
-def identity_dir(run_dir: Path) -> Path:
-    return RunLayout(run_dir).step_dir("identity")
-
-
-def is_identity_done(run_dir: Path) -> bool:
-    return RunLayout(run_dir).identity_report.exists()
 
 
 @dataclass
@@ -111,14 +102,14 @@ def _shard_faces(table: pa.Table) -> dict[str, np.ndarray]:
 
 def gather_faces(run_dir: Path, shard_ids: list[int], out_path: Path) -> tuple[np.ndarray, FaceIndex]:
     """Copy every shard's embeddings into one memory-mapped file and index their faces."""
-    fdir = face_dir(run_dir)
-    arrays = [np.load(fdir / f"{shard_name(i)}.embeddings.npy", mmap_mode="r") for i in shard_ids]
+    layout = RunLayout(run_dir)
+    arrays = [np.load(layout.shard_file("faces", i, "embeddings.npy"), mmap_mode="r") for i in shard_ids]
     dims = {a.shape[1] for a in arrays}
     if len(dims) > 1:
         expected = arrays[0].shape[1]
         bad = next(i for i, a in zip(shard_ids, arrays) if a.shape[1] != expected)
         raise UserError(
-            f"{fdir / f'{shard_name(bad)}.embeddings.npy'}: embeddings have dimension "
+            f"{layout.shard_file('faces', bad, 'embeddings.npy')}: embeddings have dimension "
             f"{arrays[shard_ids.index(bad)].shape[1]}, other shards have {expected}; rerun its face stage"
         )
     dim = dims.pop() if dims else 0
@@ -134,12 +125,12 @@ def gather_faces(run_dir: Path, shard_ids: list[int], out_path: Path) -> tuple[n
         offset = 0
         for shard_id, array in zip(shard_ids, arrays):
             emb[offset : offset + len(array)] = array
-            table = pq.read_table(fdir / f"{shard_name(shard_id)}.parquet", columns=["faces", "width", "height"])
+            table = pq.read_table(layout.records_file("faces", shard_id), columns=["faces", "width", "height"])
             faces = _shard_faces(table)
             order = np.argsort(faces.pop("embedding_index"), kind="stable")
             if len(order) != len(array):
                 raise UserError(
-                    f"{fdir / f'{shard_name(shard_id)}.parquet'}: {len(order)} embedded faces but "
+                    f"{layout.records_file('faces', shard_id)}: {len(order)} embedded faces but "
                     f"{len(array)} embedding rows; rerun its face stage"
                 )
             parts.setdefault("shard", []).append(np.full(len(array), shard_id, np.int32))
@@ -257,7 +248,7 @@ def _face_crops(run_dir: Path, idx: FaceIndex, faces: np.ndarray) -> dict[int, b
     crops: dict[int, bytes] = {}
     for shard_id in np.unique(idx.shard[faces]):
         mine = faces[idx.shard[faces] == shard_id]
-        table = pq.read_table(face_dir(run_dir) / f"{shard_name(int(shard_id))}.parquet", columns=["key", "ext"])
+        table = pq.read_table(RunLayout(run_dir).records_file("faces", int(shard_id)), columns=["key", "ext"])
         keys = table.column("key").to_pylist()
         exts = table.column("ext").to_pylist()
         wanted = {f"{keys[idx.row[f]]}.{exts[idx.row[f]]}": [] for f in mine}
@@ -341,185 +332,173 @@ def write_gallery(run_dir: Path, idx: FaceIndex, labels: np.ndarray, centre_sim:
     return Gallery(path, title, columns, tiles, int(len(flagged)))
 
 
-def run_identity_stage(cfg: Config, run_dir: Path, shard_ids: list[int], fingerprint: Fingerprint | None = None) -> dict:
-    """Cluster, clean and split the run's faces, unless already done over these shards under the
-    same settings (`fingerprint`, by default the config's); returns the stage's report (also
-    identity.json)."""
-    layout = RunLayout(run_dir)
-    run_dir = layout.root
-    out_dir = layout.step_dir("identity")
-    fingerprint = fingerprint or step_fingerprints(cfg)["identity"]
-    report = reusable(layout.identity_report, fingerprint, "identity stage")
-    if report is not None:
-        if report.get("shard_ids") == shard_ids:
-            log.info("identity stage already done, skipped")
-            return report
-        # The input grew by new shards: identities, duplicates and splits are decided over all faces
-        # again (old shards' records may change; their caption shards see that and are redone).
-        log.info("identity: the run has %d shards, %d when this stage ran; redone over all of them",
-                 len(shard_ids), len(report.get("shard_ids", [])))
-    icfg = cfg.identity
-    started = time.perf_counter()
-    emb, idx = gather_faces(run_dir, shard_ids, out_dir / "embeddings.npy")
-    n = len(idx.shard)
-    log.info("identity: %d embedded faces from %d shards", n, len(shard_ids))
+class IdentityStep(GlobalStep):
+    """Cluster, clean and split the run's faces (see the module's docstring)."""
 
-    # Images are addressed by (shard, row); a face's image number is its position in `images`.
-    image_keys = idx.shard.astype(np.int64) << 32 | idx.row.astype(np.int64)
-    images, face_image = np.unique(image_keys, return_inverse=True)
-    image_drop = np.full(len(images), "", dtype=object)
+    name = "identity"
+    reasons = schema_reasons("identity")
+    columns = IDENTITY_COLUMNS
+    status_column = "identity_status"
 
-    optout_faces = 0
-    if icfg.optout_gallery:
-        gallery = load_optout_gallery(Path(icfg.optout_gallery), cfg.faces, emb.shape[1])
-        hits = match_optout(emb, gallery, icfg.optout_threshold)
-        optout_faces = int(hits.sum())
-        image_drop[np.unique(face_image[hits])] = records.OPTOUT_MATCH
-        log.info("identity: %d faces matched the opt-out gallery; their images are removed", optout_faces)
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
 
-    # Cluster the faces of images that are still in.
-    live = np.flatnonzero(image_drop[face_image] == "")
-    live_emb = np.asarray(emb[live]) if len(live) < n else emb
-    t0 = time.perf_counter()
-    graph = build_knn(live_emb, k=icfg.k, index=icfg.index, exact_max=icfg.exact_max, nprobe=icfg.nprobe, seed=icfg.seed)
-    t_knn = time.perf_counter() - t0
-    live_labels = cluster(graph, icfg.method, icfg.threshold, seed=icfg.seed)
-    t_cluster = time.perf_counter() - t0 - t_knn
-    summary = cluster_summary(live_emb, live_labels, icfg.outlier_threshold)
+    def prepare(self, layout: RunLayout, source: str, shard_ids: list[int]) -> None:
+        cfg, icfg = self.cfg, self.cfg.identity
+        emb, idx = gather_faces(layout.root, shard_ids, layout.step_dir(self.name) / "embeddings.npy")
+        n = len(idx.shard)
+        log.info("identity: %d embedded faces from %d shards", n, len(shard_ids))
 
-    labels = np.full(n, -1, np.int64)
-    size = np.zeros(n, np.int64)
-    centre_sim = np.full(n, np.nan, np.float32)
-    outlier = np.zeros(n, bool)
-    labels[live], size[live], centre_sim[live], outlier[live] = live_labels, summary.size, summary.centre_sim, summary.outlier
+        # Images are addressed by (shard, row); a face's image number is its position in `images`.
+        image_keys = idx.shard.astype(np.int64) << 32 | idx.row.astype(np.int64)
+        images, face_image = np.unique(image_keys, return_inverse=True)
+        image_drop = np.full(len(images), "", dtype=object)
 
-    # Cleaning, by each image's primary face; the first reason wins.
-    primary = idx.primary & (labels >= 0)
-    if icfg.drop_near_duplicates and len(live):
-        dup = _near_duplicates(graph, live_labels, idx.primary[live], _quality_rank(idx)[live],
-                               icfg.near_duplicate_threshold)
-        _drop(image_drop, face_image[live[dup]], records.NEAR_DUPLICATE)
-    if icfg.drop_outliers:
-        _drop(image_drop, face_image[primary & outlier], records.IDENTITY_OUTLIER)
-    if icfg.drop_singletons:
-        _drop(image_drop, face_image[primary & (size == 1)], records.SINGLETON_IDENTITY)
-    if icfg.max_images_per_identity:
-        alive = np.flatnonzero(primary & (image_drop[face_image] == ""))
-        rank = _quality_rank(idx)[alive]
-        order = alive[np.lexsort((-rank, labels[alive]))]
-        seen_before = np.arange(len(order)) - np.searchsorted(labels[order], labels[order])
-        _drop(image_drop, face_image[order[seen_before >= icfg.max_images_per_identity]], records.IDENTITY_CAP)
+        optout_faces = 0
+        if icfg.optout_gallery:
+            gallery = load_optout_gallery(Path(icfg.optout_gallery), cfg.faces, emb.shape[1])
+            hits = match_optout(emb, gallery, icfg.optout_threshold)
+            optout_faces = int(hits.sum())
+            image_drop[np.unique(face_image[hits])] = records.OPTOUT_MATCH
+            log.info("identity: %d faces matched the opt-out gallery; their images are removed", optout_faces)
 
-    kept_primary = np.flatnonzero(primary & (image_drop[face_image] == ""))
-    split_of_face = np.full(n, -1, np.int8)
-    split_of_face[kept_primary] = _assign_splits(labels[kept_primary], icfg)
+        # Cluster the faces of images that are still in.
+        live = np.flatnonzero(image_drop[face_image] == "")
+        live_emb = np.asarray(emb[live]) if len(live) < n else emb
+        t0 = time.perf_counter()
+        graph = build_knn(live_emb, k=icfg.k, index=icfg.index, exact_max=icfg.exact_max, nprobe=icfg.nprobe,
+                          seed=icfg.seed)
+        t_knn = time.perf_counter() - t0
+        live_labels = cluster(graph, icfg.method, icfg.threshold, seed=icfg.seed)
+        t_cluster = time.perf_counter() - t0 - t_knn
+        summary = cluster_summary(live_emb, live_labels, icfg.outlier_threshold)
 
-    report = {
-        "n_faces": n,
-        "n_images": int(len(images)),
-        "n_identities": int(live_labels.max() + 1) if len(live) else 0,
-        "n_singletons": int(np.count_nonzero(np.bincount(live_labels) == 1)) if len(live) else 0,
-        "largest_identity": int(summary.size.max()) if len(live) else 0,
-        "n_outlier_faces": int(outlier.sum()),
-        "n_optout_faces": optout_faces,
-        "knn_seconds": round(t_knn, 3),
-        "cluster_seconds": round(t_cluster, 3),
-        "config": icfg.model_dump(mode="json"),
-        "shard_ids": shard_ids,
-        "fingerprint": fingerprint.as_dict(),
-    }
-    status_counts, identity_counts, split_counts, truth = _write_shards(
-        run_dir, source_of(cfg, "identity"), shard_ids, idx, face_image, images, image_drop, labels, size, centre_sim, outlier,
-        split_of_face, icfg.label_col,
-    )
-    if truth is not None:
-        report["metrics"] = clustering_metrics(*truth)
-    gallery = write_gallery(run_dir, idx, labels, centre_sim, outlier, icfg.gallery_clusters, out_dir / "gallery.png")
-    report.update(
-        status_counts=dict(status_counts.most_common()),
-        identity_status_counts=dict(identity_counts.most_common()),
-        splits=split_counts,
-        gallery=str(gallery.path) if gallery else None,
-        seconds=round(time.perf_counter() - started, 3),
-    )
-    write_json(layout.identity_report, report)
-    log.info("identity: %d identities, %s", report["n_identities"],
-             ", ".join(f"{k}={v}" for k, v in identity_counts.items()))
-    return report
+        labels = np.full(n, -1, np.int64)
+        size = np.zeros(n, np.int64)
+        centre_sim = np.full(n, np.nan, np.float32)
+        outlier = np.zeros(n, bool)
+        labels[live], size[live], centre_sim[live], outlier[live] = (live_labels, summary.size, summary.centre_sim,
+                                                                     summary.outlier)
+
+        # Cleaning, by each image's primary face; the first reason wins.
+        primary = idx.primary & (labels >= 0)
+        if icfg.drop_near_duplicates and len(live):
+            dup = _near_duplicates(graph, live_labels, idx.primary[live], _quality_rank(idx)[live],
+                                   icfg.near_duplicate_threshold)
+            _drop(image_drop, face_image[live[dup]], records.NEAR_DUPLICATE)
+        if icfg.drop_outliers:
+            _drop(image_drop, face_image[primary & outlier], records.IDENTITY_OUTLIER)
+        if icfg.drop_singletons:
+            _drop(image_drop, face_image[primary & (size == 1)], records.SINGLETON_IDENTITY)
+        if icfg.max_images_per_identity:
+            alive = np.flatnonzero(primary & (image_drop[face_image] == ""))
+            rank = _quality_rank(idx)[alive]
+            order = alive[np.lexsort((-rank, labels[alive]))]
+            seen_before = np.arange(len(order)) - np.searchsorted(labels[order], labels[order])
+            _drop(image_drop, face_image[order[seen_before >= icfg.max_images_per_identity]], records.IDENTITY_CAP)
+
+        kept_primary = np.flatnonzero(primary & (image_drop[face_image] == ""))
+        split_of_face = np.full(n, -1, np.int8)
+        split_of_face[kept_primary] = _assign_splits(labels[kept_primary], icfg)
+
+        self._decided = _Decided(idx, face_image, image_drop, labels, size, centre_sim, outlier, split_of_face)
+        self._split_counts = {name: {"images": 0, "identities": 0} for name in SPLITS}
+        self._split_ids: dict[str, set] = {name: set() for name in SPLITS}
+        self._truth: tuple[list, list] = ([], [])
+        self._report = {
+            "n_faces": n,
+            "n_images": int(len(images)),
+            "n_identities": int(live_labels.max() + 1) if len(live) else 0,
+            "n_singletons": int(np.count_nonzero(np.bincount(live_labels) == 1)) if len(live) else 0,
+            "largest_identity": int(summary.size.max()) if len(live) else 0,
+            "n_outlier_faces": int(outlier.sum()),
+            "n_optout_faces": optout_faces,
+            "knn_seconds": round(t_knn, 3),
+            "cluster_seconds": round(t_cluster, 3),
+            "config": icfg.model_dump(mode="json"),
+        }
+
+    def shard_output(self, shard_id: int, table: pa.Table) -> StepOutput:
+        """The identity columns of one shard's face records (its primary faces'), and the drop
+        reasons of its images."""
+        d = self._decided
+        n_rows = table.num_rows
+        mine = np.flatnonzero(d.idx.shard == shard_id)
+        rows, faces = d.idx.row[mine], d.idx.face[mine]
+        prim = mine[d.idx.primary[mine]]
+        at = d.idx.row[prim]
+        identity_id = np.full(n_rows, -1, np.int64)
+        identity_id[at] = d.labels[prim]
+        id_size = np.zeros(n_rows, np.int64)
+        id_size[at] = d.size[prim]
+        id_sim = np.full(n_rows, np.nan, np.float32)
+        id_sim[at] = d.centre_sim[prim]
+        id_outlier = np.zeros(n_rows, bool)
+        id_outlier[at] = d.outlier[prim]
+        split = np.full(n_rows, -1, np.int8)
+        split[at] = d.split_of_face[prim]
+        drop = np.full(n_rows, "", dtype=object)
+        drop[rows] = d.image_drop[d.face_image[mine]]
+
+        statuses = table.column("status").to_pylist()
+        n_faces = [len(f or ()) for f in table.column("faces").to_pylist()]
+        face_ids = [[-1] * k for k in n_faces]
+        for r, f, label in zip(rows, faces, d.labels[mine]):
+            face_ids[r][f] = int(label)
+        reasons: list[str | None] = [None] * n_rows
+        split_names: list[str | None] = [None] * n_rows
+        for r in range(n_rows):
+            if statuses[r] != records.OK:
+                continue
+            reasons[r] = drop[r] or None
+            if not drop[r] and split[r] >= 0:
+                split_names[r] = name = SPLITS[split[r]]
+                self._split_counts[name]["images"] += 1
+                self._split_ids[name].add(int(identity_id[r]))
+        label_col = self.cfg.identity.label_col
+        if label_col and label_col in table.column_names and len(prim):
+            truth = table.column(label_col).to_pylist()
+            self._truth[0].extend(truth[r] for r in at)
+            self._truth[1].extend(d.labels[prim].tolist())
+        valid = identity_id >= 0
+        return StepOutput(reasons=reasons, columns={
+            "identity_id": pa.array(identity_id, mask=~valid),
+            "identity_size": pa.array(id_size, mask=~valid),
+            "identity_centre_sim": pa.array(id_sim, mask=~valid),
+            "identity_outlier": pa.array(id_outlier, mask=~valid),
+            "face_identity_ids": face_ids,
+            "split": split_names,
+        })
+
+    def report(self, layout: RunLayout) -> dict:
+        d = self._decided
+        report = dict(self._report)
+        for name in SPLITS:
+            self._split_counts[name]["identities"] = len(self._split_ids[name])
+        report["splits"] = self._split_counts
+        if self._truth[0]:
+            report["metrics"] = clustering_metrics(np.asarray(self._truth[0], dtype=object).astype(str),
+                                                   np.asarray(self._truth[1]))
+        gallery = write_gallery(layout.root, d.idx, d.labels, d.centre_sim, d.outlier, self.cfg.identity.gallery_clusters,
+                                layout.step_dir(self.name) / "gallery.png")
+        report["gallery"] = str(gallery.path) if gallery else None
+        return report
+
+
+@dataclass
+class _Decided:
+    """What the identity step decided over the run's faces (one entry per embedded face)."""
+
+    idx: FaceIndex
+    face_image: np.ndarray  # face -> its image's number
+    image_drop: np.ndarray  # image number -> drop reason, "" when kept
+    labels: np.ndarray
+    size: np.ndarray
+    centre_sim: np.ndarray
+    outlier: np.ndarray
+    split_of_face: np.ndarray
 
 
 def _drop(image_drop: np.ndarray, image_numbers: np.ndarray, status: str) -> None:
     fresh = image_numbers[image_drop[image_numbers] == ""]
     image_drop[fresh] = status
-
-
-def _write_shards(run_dir, source, shard_ids, idx, face_image, images, image_drop, labels, size, centre_sim, outlier,
-                  split_of_face, label_col):
-    """Add the identity columns to every shard's face records and write them; returns the counts
-    and, with a label column, (true labels, predicted labels) of the primary faces."""
-    status_counts: Counter = Counter()
-    identity_counts: Counter = Counter()
-    split_counts: dict[str, dict[str, int]] = {s: {"images": 0, "identities": 0} for s in SPLITS}
-    split_ids: dict[str, set] = {s: set() for s in SPLITS}
-    truth_true: list = []
-    truth_pred: list = []
-    for shard_id in shard_ids:
-        table = pq.read_table(RunLayout(run_dir).records_file(source, shard_id))
-        n_rows = table.num_rows
-        mine = np.flatnonzero(idx.shard == shard_id)
-        rows, faces = idx.row[mine], idx.face[mine]
-        prim = mine[idx.primary[mine]]
-        identity_id = np.full(n_rows, -1, np.int64)
-        identity_id[idx.row[prim]] = labels[prim]
-        id_size = np.zeros(n_rows, np.int64)
-        id_size[idx.row[prim]] = size[prim]
-        id_sim = np.full(n_rows, np.nan, np.float32)
-        id_sim[idx.row[prim]] = centre_sim[prim]
-        id_outlier = np.zeros(n_rows, bool)
-        id_outlier[idx.row[prim]] = outlier[prim]
-        split = np.full(n_rows, -1, np.int8)
-        split[idx.row[prim]] = split_of_face[prim]
-        drop = np.full(n_rows, "", dtype=object)
-        drop[rows] = image_drop[face_image[mine]]
-
-        statuses = table.column("status").to_pylist()
-        n_faces = [len(f or ()) for f in table.column("faces").to_pylist()]
-        face_ids = [[-1] * k for k in n_faces]
-        for r, f, label in zip(rows, faces, labels[mine]):
-            face_ids[r][f] = int(label)
-        identity_status = [None] * n_rows
-        for r in range(n_rows):
-            if statuses[r] != records.OK:
-                continue
-            identity_status[r] = drop[r] or records.OK
-            statuses[r] = identity_status[r]
-            identity_counts[identity_status[r]] += 1
-            if statuses[r] == records.OK and split[r] >= 0:
-                name = SPLITS[split[r]]
-                split_counts[name]["images"] += 1
-                split_ids[name].add(int(identity_id[r]))
-        status_counts.update(statuses)
-        if label_col and label_col in table.column_names and len(prim):
-            truth = table.column(label_col).to_pylist()
-            truth_true += [truth[r] for r in idx.row[prim]]
-            truth_pred += labels[prim].tolist()
-        valid = identity_id >= 0
-        columns = {
-            "identity_id": pa.array(identity_id, mask=~valid),
-            "identity_size": pa.array(id_size, mask=~valid),
-            "identity_centre_sim": pa.array(id_sim, mask=~valid),
-            "identity_outlier": pa.array(id_outlier, mask=~valid),
-            "face_identity_ids": pa.array(face_ids, pa.list_(pa.int64())),
-            "split": pa.array([SPLITS[s] if s >= 0 and st == records.OK else None
-                               for s, st in zip(split, statuses)], pa.string()),
-            "identity_status": pa.array(identity_status, pa.string()),
-        }
-        table = table.set_column(table.column_names.index("status"), "status", pa.array(statuses, pa.string()))
-        for name, values in columns.items():
-            table = table.append_column(name, values)
-        with atomic_path(identity_dir(run_dir) / f"{shard_name(shard_id)}.parquet") as tmp:
-            pq.write_table(table, tmp)
-    for name in SPLITS:
-        split_counts[name]["identities"] = len(split_ids[name])
-    truth = (np.asarray(truth_true, dtype=object).astype(str), np.asarray(truth_pred)) if truth_true else None
-    return status_counts, identity_counts, split_counts, truth

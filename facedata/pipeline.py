@@ -17,7 +17,7 @@ from facedata.fingerprints import Fingerprint, StepPlan, model_infos, plan_run, 
 from facedata.reader import ShardPlan, check_input, load_plan, plan_shards
 from facedata.run_layout import RunLayout
 from facedata.shards import atomic_write_bytes
-from facedata.step import pipeline, run_shard_step, source_of
+from facedata.step import BUILTIN_STEPS, GLOBAL_STEPS, builtin_step, pipeline, run_global_step, run_shard_step, source_of
 
 log = logging.getLogger("facedata.pipeline")
 
@@ -58,22 +58,30 @@ def dry_run(config: Config | dict | str | Path, output: str | Path) -> list[str]
     return lines + [f"({len(shard_ids)} shards planned; new input files would add shards)"]
 
 
-def run_shard(step: str, plan: ShardPlan, cfg: Config, run_dir: Path, progress: bool, fingerprint: Fingerprint) -> dict:
-    """One shard of one shard step, built-in or a user's; returns its stats. The stage modules are
-    imported here: a worker process that only downloads does not load onnxruntime, OpenCV and faiss."""
+def run_shard(step: str, plan: ShardPlan | int, cfg: Config, run_dir: str | Path, progress: bool = False,
+              fingerprint: Fingerprint | None = None) -> dict:
+    """One shard (its plan, or its id) of one shard step, built-in or a user's, unless done under
+    `fingerprint` (by default the config's); returns its stats. A built-in step's module is imported
+    here: a worker process that only downloads does not load onnxruntime, OpenCV and faiss."""
+    layout = RunLayout(run_dir)
+    shard_id = plan if isinstance(plan, int) else plan.shard_id
+    if fingerprint is None:
+        fingerprint = step_fingerprints(cfg, model_infos(cfg) if step != "download" else {})[step]
+    instance = builtin_step(step, cfg) if step in BUILTIN_STEPS else dict(pipeline(cfg))[step]
     if step == "download":
-        from facedata.download_stage import run_download_shard
+        source = layout.plan_file(shard_id) if isinstance(plan, int) else Path(plan.path)
+    else:
+        source = source_of(cfg, step)
+    return run_shard_step(instance, shard_id, layout.root, source, fingerprint, progress)
 
-        return run_download_shard(plan, cfg, run_dir, progress, fingerprint)
-    if step == "faces":
-        from facedata.face_stage import run_face_shard
 
-        return run_face_shard(plan.shard_id, cfg, run_dir, progress, fingerprint)
-    if step == "captions":
-        from facedata.caption_stage import run_caption_shard
-
-        return run_caption_shard(plan.shard_id, cfg, run_dir, progress, fingerprint)
-    return run_shard_step(dict(pipeline(cfg))[step], plan.shard_id, Path(run_dir), source_of(cfg, step), fingerprint)
+def run_global(step: str, cfg: Config, run_dir: str | Path, shard_ids: list[int],
+               fingerprint: Fingerprint | None = None) -> dict:
+    """A run-wide step over the run's shards, unless done over them under `fingerprint` (by default
+    the config's); returns its report."""
+    if fingerprint is None:
+        fingerprint = step_fingerprints(cfg, model_infos(cfg))[step]
+    return run_global_step(builtin_step(step, cfg), RunLayout(run_dir).root, shard_ids, source_of(cfg, step), fingerprint)
 
 
 def curate(config: Config | dict | str | Path, output: str | Path | None = None, progress: bool = False) -> dict:
@@ -81,7 +89,6 @@ def curate(config: Config | dict | str | Path, output: str | Path | None = None,
 
     `config`: a Config, a dict as in the YAML files, or a YAML path; `output`: the run directory
     (default: the config's output.dir). A rerun reuses every output whose settings did not change."""
-    from facedata.identity_stage import run_identity_stage
     from facedata.summary import write_run_report
 
     cfg = _config(config)
@@ -91,16 +98,18 @@ def curate(config: Config | dict | str | Path, output: str | Path | None = None,
     plans = plan_shards(cfg.input, cfg.shards.samples_per_shard, layout.plan_dir)
     shard_ids = [plan.shard_id for plan in plans]
     begin_run(layout, cfg.model_dump(mode="json"), fingerprints, shard_ids)
-    steps = list(fingerprints)
-    barrier = steps.index("identity") if "identity" in steps else len(steps)
-    for plan in plans:
-        for step in steps[:barrier]:
-            run_shard(step, plan, cfg, layout.root, progress, fingerprints[step])
-    if barrier < len(steps):
-        run_identity_stage(cfg, layout.root, shard_ids, fingerprints["identity"])
+    # Consecutive shard steps run shard by shard; a run-wide step waits for every shard before it.
+    chained: list[str] = []
+    for step in [*fingerprints, None]:
+        if step is not None and step not in GLOBAL_STEPS:
+            chained.append(step)
+            continue
         for plan in plans:
-            for step in steps[barrier + 1:]:
-                run_shard(step, plan, cfg, layout.root, progress, fingerprints[step])
+            for name in chained:
+                run_shard(name, plan, cfg, layout.root, progress, fingerprints[name])
+        chained = []
+        if step is not None:
+            run_global(step, cfg, layout.root, shard_ids, fingerprints[step])
     summary = write_run_report(layout.root, cfg.faces.enabled, cfg.output.contact_sheet_max, cfg.output.contact_sheet)
     if cfg.publish.to:
         summary["published"] = publish(layout.root, cfg)["destination"]

@@ -47,17 +47,17 @@ log = logging.getLogger("facedata.flow")
 
 # Per shard stage: (the unit it counts, its stats' count of items processed, its stats' status
 # counts over those items).
+# Every step after download counts the records still kept when it began (facedata.step).
 STAGES = {
     "download": ("samples", "n_samples", "status_counts"),
-    "faces": ("images", "n_analyzed", "face_status_counts"),
-    "captions": ("images", "n_described", "caption_status_counts"),
+    "faces": ("images", "n_in", "step_status_counts"),
+    "captions": ("images", "n_in", "step_status_counts"),
 }
 
 
 def _stage_fields(stage: str) -> tuple[str, str, str]:
-    """(unit, the stats field of items seen, the stats field of statuses given) of a stage; a
-    user's step (facedata.step) writes the last two under these names."""
-    return STAGES.get(stage, ("samples", "n_samples", "step_status_counts"))
+    """(unit, the stats field of items seen, the stats field of statuses given) of a stage."""
+    return STAGES.get(stage, ("samples", "n_in", "step_status_counts"))
 
 
 # The markdown report's images: (summary field, heading).

@@ -32,6 +32,10 @@ class RunLayout:
     def plan_dir(self) -> Path:
         return self.root / "_plan"
 
+    def plan_file(self, shard_id: int) -> Path:
+        """The input rows planned for one shard (what the download step reads)."""
+        return self.plan_dir / f"{shard_name(shard_id)}.parquet"
+
     @property
     def config_file(self) -> Path:
         """The config the run was last started with (what the dataset card states)."""
@@ -65,10 +69,13 @@ class RunLayout:
         """The kept images of a shard (written by the download step, read by the later ones)."""
         return self.shard_file("download", shard_id, "tar")
 
+    def global_report(self, step: str) -> Path:
+        """Written last by a run-wide step (identity): marks it done for every shard."""
+        return self.step_dir(step) / f"{step}.json"
+
     @property
     def identity_report(self) -> Path:
-        """Written last by the identity step: marks it done."""
-        return self.step_dir("identity") / "identity.json"
+        return self.global_report("identity")
 
     def step_order(self) -> list[str]:
         """The run's steps in order, as its last start recorded them (the built-in ones before
@@ -79,10 +86,10 @@ class RunLayout:
             return [step for step in STEP_DIRS if self.step_dir(step).is_dir()]
 
     def finished(self, step: str, shard_id: int) -> bool:
-        """Whether `step` finished this shard: its completion record exists (the identity step
-        writes one for the whole run, last)."""
-        done = self.identity_report if step == "identity" else self.stats_file(step, shard_id)
-        return done.exists() and self.records_file(step, shard_id).exists()
+        """Whether `step` finished this shard: its completion record exists (a run-wide step such
+        as identity writes one for the whole run, last)."""
+        done = self.global_report(step).exists() or self.stats_file(step, shard_id).exists()
+        return done and self.records_file(step, shard_id).exists()
 
     def latest_step(self, shard_id: int) -> str | None:
         """The last step in the run's order that has finished this shard (None: not even downloaded)."""

@@ -179,9 +179,10 @@ def field_descriptions() -> dict[str, str]:
     return {**{c.name: c.description for c in COLUMNS}, **PUBLISHED_DESCRIPTIONS}
 
 
-def reasons() -> dict[str, str]:
-    """Drop reason -> what it means ({a.b} filled from the run config by the dataset card)."""
-    return {s.value: s.description for s in Status if s is not Status.OK}
+def reasons(*steps: str) -> dict[str, str]:
+    """Drop reason -> what it means ({a.b} filled from the run config by the dataset card), of the
+    given steps (default: all)."""
+    return {s.value: s.description for s in Status if s is not Status.OK and (not steps or s.step in steps)}
 
 
 def status_list() -> str:

@@ -20,7 +20,6 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -115,27 +114,16 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
-class ShardWriter:
-    """Streams kept samples into the shard's tar as they arrive; records are written at close.
+class ImageTar:
+    """Streams a shard's kept samples into its tar (`KEY.EXT`, `KEY.txt`, `KEY.json`, as webdataset
+    reads them) as they arrive, so memory stays flat in the shard size; atomic: the tar appears
+    under its name only when closed."""
 
-    Only the kept samples' bytes pass through here, one at a time, so memory stays flat in the
-    shard size. Records are sorted by key, so a rerun writes the same parquet whatever the order
-    downloads finished in.
-    """
-
-    def __init__(self, shard_dir: Path, shard_id: int):
-        self.shard_dir = Path(shard_dir)
-        self.shard_id = shard_id
-        self.name = shard_name(shard_id)
-        # Temp files of an earlier, killed attempt at this shard.
-        for stale in self.shard_dir.glob(f".{self.name}.*.tmp"):
-            stale.unlink(missing_ok=True)
-        self._tar_target = atomic_path(self.shard_dir / f"{self.name}.tar")
-        self._tar_tmp = self._tar_target.__enter__()
-        self._tar = tarfile.open(self._tar_tmp, "w", format=tarfile.PAX_FORMAT)
-        self._records: list[dict] = []
-        self._started = time.time()
-        self._mtime = int(self._started)
+    def __init__(self, path: Path):
+        self._target = atomic_path(path)
+        self._tmp = self._target.__enter__()
+        self._tar = tarfile.open(self._tmp, "w", format=tarfile.PAX_FORMAT)
+        self._mtime = int(time.time())
 
     def _add_member(self, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)
@@ -145,59 +133,38 @@ class ShardWriter:
         self._tar.addfile(info, io.BytesIO(data))
 
     @contextmanager
-    def _writing_tar(self) -> Iterator[None]:
+    def _writing(self) -> Iterator[None]:
         """A failed write to the tar drops it at once, so that on a full disk the partial file does
         not go on holding the space, and names it."""
         try:
             yield
         except BaseException as err:
             self.abort()
-            raise_naming(err, self._tar_target.path)
+            raise_naming(err, self._target.path)
             raise
 
     def add(self, record: dict, image: bytes | None = None, ext: str | None = None) -> None:
-        """Add one sample's record; a kept sample (status ok) also goes into the tar."""
-        if record["status"] == records.OK:
-            key = record["key"]
-            meta = {k: v for k, v in record.items() if k not in ("image",)}
-            with self._writing_tar():
-                self._add_member(f"{key}.{ext}", image)
-                self._add_member(f"{key}.txt", (record.get("caption") or "").encode("utf-8"))
-                self._add_member(f"{key}.json", json.dumps(meta, sort_keys=True, default=str).encode())
-        self._records.append(record)
+        """Store a kept sample (status ok); others have nothing to store."""
+        if record["status"] != records.OK:
+            return
+        key = record["key"]
+        meta = {k: v for k, v in record.items() if k not in ("image",)}
+        with self._writing():
+            self._add_member(f"{key}.{ext}", image)
+            self._add_member(f"{key}.txt", (record.get("caption") or "").encode("utf-8"))
+            self._add_member(f"{key}.json", json.dumps(meta, sort_keys=True, default=str).encode())
 
     def abort(self) -> None:
         """Remove the unfinished tar (again is a no-op). Closing it writes its end, which fails as
         the writes did on a full disk: the file goes all the same."""
         with suppress(OSError):
             self._tar.close()
-        self._tar_target.__exit__(RuntimeError, None, None)
+        self._target.__exit__(RuntimeError, None, None)
 
-    def close(self, extra_stats: dict | None = None) -> dict:
-        """Finish the tar, write the parquet, then the stats file that marks the shard done."""
-        with self._writing_tar():
+    def close(self) -> None:
+        with self._writing():
             self._tar.close()
-        self._tar_target.__exit__(None, None, None)
-        rows = sorted(self._records, key=lambda r: r["key"])
-        table = pa.Table.from_pylist(rows) if rows else pa.table({"key": pa.array([], pa.string())})
-        with atomic_path(self.shard_dir / f"{self.name}.parquet") as tmp:
-            pq.write_table(table, tmp)
-        finished = time.time()
-        counts = Counter(r["status"] for r in rows)
-        stats = {
-            "shard_id": self.shard_id,
-            "n_samples": len(rows),
-            "n_ok": counts.get(records.OK, 0),
-            "status_counts": dict(sorted(counts.items())),
-            "started_at": self._started,
-            "finished_at": finished,
-            "seconds": round(finished - self._started, 3),
-            "bytes_downloaded": sum(r.get("bytes_downloaded") or 0 for r in rows),
-            "bytes_stored": (self.shard_dir / f"{self.name}.tar").stat().st_size,
-            **(extra_stats or {}),
-        }
-        write_json(stats_path(self.shard_dir, self.shard_id), stats)
-        return stats
+        self._target.__exit__(None, None, None)
 
 
 def tar_images(tar_path: Path, wanted: dict[str, str]) -> Iterator[tuple[str, bytes]]:

@@ -62,8 +62,8 @@ def summarize_run(run_dir: Path, faces: bool) -> dict:
     if faces:
         face_counts: Counter = Counter()
         for stats in face_stats.values():
-            face_counts.update(stats["face_status_counts"])
-        n_analyzed = sum(s["n_analyzed"] for s in face_stats.values())
+            face_counts.update(stats["step_status_counts"])
+        n_analyzed = sum(s["n_in"] for s in face_stats.values())
         seconds = sum(s["seconds"] for s in face_stats.values())
         n_faces_ok = face_counts.get(records.OK, 0)
         funnel.append({
@@ -83,7 +83,7 @@ def summarize_run(run_dir: Path, faces: bool) -> dict:
             summary["embedding_dim"] = first["embedding_dim"]
     if faces and layout.identity_report.exists():
         identity = json.loads(layout.identity_report.read_text())
-        counts = Counter(identity["identity_status_counts"])
+        counts = Counter(identity["step_status_counts"])
         funnel.append({
             "stage": "identity",
             "kept": counts.get(records.OK, 0),
@@ -142,7 +142,7 @@ def _add_captions(summary: dict, funnel: list[dict], run_dir: Path, stats_files:
     attributes: Counter = Counter()
     seconds_by_step: Counter = Counter()
     for stats in shard_stats:
-        counts.update(stats["caption_status_counts"])
+        counts.update(stats["step_status_counts"])
         attributes.update(stats["attribute_counts"])
         seconds_by_step.update(stats["seconds_by_step"])
     n_faces = sum(s["n_faces_described"] for s in shard_stats)

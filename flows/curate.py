@@ -60,9 +60,9 @@ def shard_step_task(step: str, plan: ShardPlan, previous: dict | None, cfg: Conf
 
 @task(name="identity", cache_policy=NO_CACHE)
 def identity_task(cfg: Config, run_dir: str, shard_ids: list[int], fingerprint: Fingerprint) -> dict:
-    from facedata.identity_stage import run_identity_stage
+    from facedata.pipeline import run_global
 
-    return run_identity_stage(cfg, Path(run_dir), shard_ids, fingerprint=fingerprint)
+    return run_global("identity", cfg, run_dir, shard_ids, fingerprint)
 
 
 @task(name="report", cache_policy=NO_CACHE)

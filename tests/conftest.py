@@ -18,6 +18,7 @@ from PIL import Image
 
 from facedata.packages import package_dir
 from facedata.webserver import LoopbackServer
+from facedata.pipeline import run_shard
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -33,8 +34,6 @@ def download_and_find_faces(web_root: Path, run: Path, rows: list[dict], make_co
     """Serve web_root on loopback, write run/corpus.parquet from `rows` (each: `file` under web_root,
     plus the corpus's other columns) and run the real download and face stages over every shard.
     `make_config(corpus_path)` gives the run's Config. Returns the shard ids."""
-    from facedata.download_stage import run_download_shard
-    from facedata.face_stage import run_face_shard
     from facedata.reader import plan_shards
 
     with LoopbackServer(web_root) as server:
@@ -46,8 +45,8 @@ def download_and_find_faces(web_root: Path, run: Path, rows: list[dict], make_co
         cfg = make_config(run / "corpus.parquet")
         plans = plan_shards(cfg.input, samples_per_shard, run / "_plan")
         for plan in plans:
-            run_download_shard(plan, cfg, run, progress=False)
-            run_face_shard(plan.shard_id, cfg, run, progress=False)
+            run_shard("download", plan, cfg, run, progress=False)
+            run_shard("faces", plan.shard_id, cfg, run, progress=False)
     return [p.shard_id for p in plans]
 
 

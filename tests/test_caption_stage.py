@@ -13,11 +13,12 @@ import pytest
 from PIL import Image
 
 from facedata import records
-from facedata.caption_stage import caption_dir, run_caption_shard, thresholds
+from facedata.caption_stage import thresholds
 from facedata.captions import attribute_words
 from facedata.config import ConfigError, config_from_dict
-from facedata.face_stage import face_dir
 from facedata.summary import write_run_report
+from facedata.pipeline import run_shard
+from facedata.run_layout import RunLayout
 from tests.conftest import copy_faced_run, download_and_find_faces, package_dir
 
 PEOPLE = [f"P{i:03d}" for i in range(1, 11)]
@@ -62,14 +63,14 @@ def fresh_copy(base_run, tmp_path) -> Path:
 
 
 def caption_rows(run: Path) -> dict[str, dict]:
-    rows = [r for p in sorted(caption_dir(run).glob("0*.parquet")) for r in pq.read_table(p).to_pylist()]
+    rows = [r for p in sorted(RunLayout(run).step_dir("captions").glob("0*.parquet")) for r in pq.read_table(p).to_pylist()]
     return {r["url"].rsplit("/", 1)[1]: r for r in rows}
 
 
 def test_every_kept_face_is_described_and_captioned(base_run, tmp_path):
     run = fresh_copy(base_run, tmp_path)
     cfg = make_config(run / "corpus.parquet")
-    stats = [run_caption_shard(i, cfg, run, progress=False) for i in base_run[1]]
+    stats = [run_shard("captions", i, cfg, run, progress=False) for i in base_run[1]]
     rows = caption_rows(run)
     assert rows["coffee.png"]["status"] == records.NO_FACE and rows["coffee.png"]["face_caption"] is None
     kept = {name: r for name, r in rows.items() if r["status"] == records.OK}
@@ -102,7 +103,7 @@ def test_too_few_attributes_and_an_attribute_subset(base_run, tmp_path):
     run = fresh_copy(base_run, tmp_path)
     cfg = make_config(run / "corpus.parquet", include=["gender", "eyeglasses", "pose"], min_valid_labels=3)
     for i in base_run[1]:
-        run_caption_shard(i, cfg, run, progress=False)
+        run_shard("captions", i, cfg, run, progress=False)
     rows = caption_rows(run)
     described = [r for r in rows.values() if r["face_attributes"]]
     assert len(described) == 11
@@ -127,15 +128,15 @@ def test_rerun_skips_done_shards_and_output_is_deterministic(base_run, tmp_path)
     first, second = fresh_copy(base_run, tmp_path / "a"), fresh_copy(base_run, tmp_path / "b")
     cfg = make_config(first / "corpus.parquet", predictors=["age_gender", "expression", "geometry"])
     shard = base_run[1][0]
-    run_caption_shard(shard, cfg, first, progress=False)
-    run_caption_shard(shard, cfg, second, progress=False)
+    run_shard("captions", shard, cfg, first, progress=False)
+    run_shard("captions", shard, cfg, second, progress=False)
     name = f"{shard:05d}.parquet"
     columns = ["key", "status", "face_caption", "face_attributes", "n_valid_labels"]
-    assert pq.read_table(caption_dir(first) / name, columns=columns).equals(
-        pq.read_table(caption_dir(second) / name, columns=columns))
-    done = caption_dir(first) / f"{shard:05d}.stats.json"
+    assert pq.read_table(RunLayout(first).step_dir("captions") / name, columns=columns).equals(
+        pq.read_table(RunLayout(second).step_dir("captions") / name, columns=columns))
+    done = RunLayout(first).step_dir("captions") / f"{shard:05d}.stats.json"
     mtime = done.stat().st_mtime_ns
-    run_caption_shard(shard, cfg, first, progress=False)
+    run_shard("captions", shard, cfg, first, progress=False)
     assert done.stat().st_mtime_ns == mtime
 
 
@@ -147,28 +148,28 @@ def test_changed_records_are_captioned_again_reusing_descriptions(base_run, tmp_
     cfg = make_config(run / "corpus.parquet", predictors=["age_gender", "expression", "geometry"])
     shard = base_run[1][0]
     name = f"{shard:05d}"
-    first = run_caption_shard(shard, cfg, run, progress=False)
-    before = {r["key"]: r for r in pq.read_table(caption_dir(run) / f"{name}.parquet").to_pylist()}
-    done = caption_dir(run) / f"{name}.stats.json"
+    first = run_shard("captions", shard, cfg, run, progress=False)
+    before = {r["key"]: r for r in pq.read_table(RunLayout(run).step_dir("captions") / f"{name}.parquet").to_pylist()}
+    done = RunLayout(run).step_dir("captions") / f"{name}.stats.json"
 
     # Stats from before fingerprints were recorded say nothing of the settings: the shard is redone.
     legacy = json.loads(done.read_text())
     del legacy["fingerprint"]
     done.write_text(json.dumps(legacy))
-    redone = run_caption_shard(shard, cfg, run, progress=False)
+    redone = run_shard("captions", shard, cfg, run, progress=False)
     assert redone["fingerprint"] == first["fingerprint"] and redone["finished_at"] > first["finished_at"]
-    assert redone["n_reused"] == 0 and redone["n_described"] == first["n_described"]
+    assert redone["n_reused"] == 0 and redone["n_in"] == first["n_in"]
 
-    source = face_dir(run) / f"{name}.parquet"
+    source = RunLayout(run).step_dir("faces") / f"{name}.parquet"
     table = pq.read_table(source)
     statuses = table.column("status").to_pylist()
     dropped = statuses.index(records.OK)
     statuses[dropped] = records.NEAR_DUPLICATE
     pq.write_table(table.set_column(table.schema.get_field_index("status"), "status", pa.array(statuses)), source)
-    again = run_caption_shard(shard, cfg, run, progress=False)
-    assert again["n_described"] == again["n_reused"] == first["n_described"] - 1
+    again = run_shard("captions", shard, cfg, run, progress=False)
+    assert again["n_in"] == again["n_reused"] == first["n_in"] - 1
     assert again["faces_per_second"] is None and again["n_faces_described"] < first["n_faces_described"]
-    after = {r["key"]: r for r in pq.read_table(caption_dir(run) / f"{name}.parquet").to_pylist()}
+    after = {r["key"]: r for r in pq.read_table(RunLayout(run).step_dir("captions") / f"{name}.parquet").to_pylist()}
     dropped_key = table.column("key")[dropped].as_py()
     assert after[dropped_key]["status"] == records.NEAR_DUPLICATE and after[dropped_key]["face_caption"] is None
     columns = ("status", "face_caption", "face_attributes", "n_valid_labels")
@@ -179,15 +180,15 @@ def test_changed_records_are_captioned_again_reusing_descriptions(base_run, tmp_
     pq.write_table(table.set_column(table.schema.get_field_index("status"), "status", pa.array(statuses)), source)
     subset = make_config(run / "corpus.parquet", predictors=["age_gender", "expression", "geometry"],
                          include=["gender", "smiling"])
-    third = run_caption_shard(shard, subset, run, progress=False)
-    assert third["n_reused"] == 0 and third["n_described"] == first["n_described"]
+    third = run_shard("captions", shard, subset, run, progress=False)
+    assert third["n_reused"] == 0 and third["n_in"] == first["n_in"]
 
 
 def test_report_has_the_caption_funnel_statistics_and_sheet(base_run, tmp_path):
     run = fresh_copy(base_run, tmp_path)
     cfg = make_config(run / "corpus.parquet", predictors=["age_gender", "expression", "geometry"])
     for i in base_run[1]:
-        run_caption_shard(i, cfg, run, progress=False)
+        run_shard("captions", i, cfg, run, progress=False)
     summary = write_run_report(run, faces=True, max_sheet_items=16)
     step = summary["funnel"][-1]
     assert step["stage"] == "captions" and step["kept"] == summary["n_ok"] == 11

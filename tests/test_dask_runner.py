@@ -52,8 +52,8 @@ def dask_setup(worker) -> None:
     # The stage functions, looked up in their modules by each shard task: tasks per worker.
     from facedata import caption_stage, face_stage
 
-    face_stage.run_face_shard = _counting("faces-task", face_stage.run_face_shard)
-    caption_stage.run_caption_shard = _counting("attributes-task", caption_stage.run_caption_shard)
+    face_stage.FaceStep.run = _counting("faces-task", face_stage.FaceStep.run)
+    caption_stage.CaptionStep.run = _counting("attributes-task", caption_stage.CaptionStep.run)
     _log_load("worker")
     _log_load(f"malloc_trim_threshold={os.environ.get('MALLOC_TRIM_THRESHOLD_', 'unset')}")
 

@@ -10,9 +10,10 @@ import pyarrow.parquet as pq
 
 from facedata import records
 from facedata.config import config_from_dict
-from facedata.download_stage import RECORD_FIELDS, run_download_shard
+from facedata.download_stage import RECORD_FIELDS
 from facedata.reader import plan_shards
 from facedata.shards import read_records, stats_path
+from facedata.pipeline import run_shard
 
 
 def make_config(path, **sections):
@@ -29,7 +30,7 @@ def test_shard_records_statuses_and_tar(tmp_path, web, web_root):
                              "license": ["cc-by"] * len(urls)}), tmp_path / "in.parquet")
     cfg = make_config(tmp_path / "in.parquet")
     (plan,) = plan_shards(cfg.input, 100, tmp_path / "plan")
-    stats = run_download_shard(plan, cfg, tmp_path, progress=False)
+    stats = run_shard("download", plan, cfg, tmp_path, progress=False)
 
     table = read_records(tmp_path / "shards")
     rows = {r["url"]: r for r in table.to_pylist()}
@@ -54,16 +55,16 @@ def test_done_shard_is_skipped_and_unfinished_one_redone(tmp_path, web, web_root
     cfg = make_config(tmp_path / "in.parquet")
     (plan,) = plan_shards(cfg.input, 10, tmp_path / "plan")
     shard_dir = tmp_path / "shards"
-    first = run_download_shard(plan, cfg, tmp_path, progress=False)
+    first = run_shard("download", plan, cfg, tmp_path, progress=False)
     done_mtime = stats_path(shard_dir, 0).stat().st_mtime_ns
-    assert run_download_shard(plan, cfg, tmp_path, progress=False) == first
+    assert run_shard("download", plan, cfg, tmp_path, progress=False) == first
     assert stats_path(shard_dir, 0).stat().st_mtime_ns == done_mtime
 
     # A killed attempt: no stats file, a half-written temp tar beside a stale parquet.
     stats_path(shard_dir, 0).unlink()
     (shard_dir / ".00000.tar.abc123.tmp").write_bytes(b"partial")
     shutil.copy(shard_dir / "00000.parquet", shard_dir / "stale-copy")
-    second = run_download_shard(plan, cfg, tmp_path, progress=False)
+    second = run_shard("download", plan, cfg, tmp_path, progress=False)
     assert second["n_ok"] == 4 and second["status_counts"] == first["status_counts"]
     assert not list(shard_dir.glob(".*.tmp"))
     assert read_records(shard_dir).column("key").to_pylist() == [f"{i:09d}" for i in range(4)]
@@ -80,7 +81,7 @@ def test_local_folder_and_missing_file(tmp_path, web_root):
     # The file vanishes between planning and processing.
     victim = sorted(folder.glob("*.jpg"))[1]
     victim.unlink()
-    run_download_shard(plan, cfg, tmp_path, progress=False)
+    run_shard("download", plan, cfg, tmp_path, progress=False)
     rows = read_records(tmp_path / "shards").to_pylist()
     assert [r["status"] for r in rows] == [records.OK, records.FILE_NOT_FOUND]
     assert rows[0]["caption"].startswith("caption of") and str(victim) in rows[1]["error"]

@@ -20,12 +20,13 @@ from PIL import ExifTags, Image
 
 from facedata import records
 from facedata.config import config_from_dict
-from facedata.download_stage import run_download_shard
 from facedata.face_models import load_analyzer
-from facedata.face_stage import FACE_COLUMNS, analyze_encoded, face_dir, run_face_shard, stage_analyzer
+from facedata.face_stage import FACE_COLUMNS, analyze_encoded, stage_analyzer
 from facedata.reader import plan_shards
 from facedata.shards import is_done
 from facedata.summary import format_summary, write_run_report
+from facedata.pipeline import run_shard
+from facedata.run_layout import RunLayout
 
 SKIMAGE = package_dir("skimage") / "data"
 GROUP = package_dir("insightface") / "data" / "images" / "t1.jpg"  # 1280 x 886, a row of people
@@ -87,7 +88,7 @@ def downloaded(corpus, tmp_path_factory):
     run = tmp_path_factory.mktemp("downloaded")
     cfg = config_from_dict({**BASE, "input": {"path": str(corpus), "format": "folder"}})
     (plan,) = plan_shards(cfg.input, cfg.shards.samples_per_shard, run / "_plan")
-    run_download_shard(plan, cfg, run, progress=False)
+    run_shard("download", plan, cfg, run, progress=False)
     return run
 
 
@@ -96,10 +97,10 @@ def run_faces(downloaded, run, *overrides: str):
     if not (run / "shards").exists():
         shutil.copytree(downloaded / "shards", run / "shards")
     cfg = config_from_dict(BASE, overrides=list(overrides))
-    stats = run_face_shard(0, cfg, run, progress=False)
-    rows = pq.read_table(face_dir(run) / "00000.parquet").to_pylist()
+    stats = run_shard("faces", 0, cfg, run, progress=False)
+    rows = pq.read_table(RunLayout(run).step_dir("faces") / "00000.parquet").to_pylist()
     by_name = {row["path"].rsplit("/", 1)[-1].split(".")[0]: row for row in rows}
-    return stats, by_name, np.load(face_dir(run) / "00000.embeddings.npy")
+    return stats, by_name, np.load(RunLayout(run).step_dir("faces") / "00000.embeddings.npy")
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +120,7 @@ def embedding(row, embeddings) -> np.ndarray:
 def test_every_record_comes_out_with_its_status(faced, downloaded):
     run, stats, rows, embeddings = faced
     source = pq.read_table(downloaded / "shards" / "00000.parquet")
-    table = pq.read_table(face_dir(run) / "00000.parquet")
+    table = pq.read_table(RunLayout(run).step_dir("faces") / "00000.parquet")
     # Same rows in the same order, the download columns unchanged except status and error.
     assert table.column("key").to_pylist() == source.column("key").to_pylist()
     assert table.column_names == source.column_names + list(FACE_COLUMNS)
@@ -138,12 +139,12 @@ def test_every_record_comes_out_with_its_status(faced, downloaded):
     coffee = rows["i_coffee"]
     assert coffee["face_status"] == records.NO_FACE and coffee["n_faces"] == 0 and coffee["faces"] == []
     assert coffee["primary_face"] is None and "min_faces 1" in coffee["error"]
-    assert stats["n_samples"] == 12 and stats["n_analyzed"] == 11 and stats["n_ok"] == 9
+    assert stats["n_samples"] == 12 and stats["n_in"] == 11 and stats["n_ok"] == 9
     assert stats["status_counts"] == {"ok": 9, "no_face": 2, "too_small": 1}
-    assert stats["face_status_counts"] == {"ok": 9, "no_face": 2}
+    assert stats["step_status_counts"] == {"ok": 9, "no_face": 2}
     assert stats["models"]["detector"]["name"].startswith("SCRFD")
     assert stats["models"]["embedder"]["licence"] and stats["embedding_dim"] == 512
-    assert json.loads((face_dir(run) / "00000.stats.json").read_text()) == stats
+    assert json.loads((RunLayout(run).step_dir("faces") / "00000.stats.json").read_text()) == stats
 
 
 def test_faces_and_embeddings(faced):
@@ -211,7 +212,7 @@ def test_small_faces_of_a_huge_image_are_embedded_from_a_finer_decode():
 
 def test_crops_are_stored_per_face(faced):
     run, _, rows, _ = faced
-    with tarfile.open(face_dir(run) / "00000.crops.tar") as tar:
+    with tarfile.open(RunLayout(run).step_dir("faces") / "00000.crops.tar") as tar:
         names = sorted(tar.getnames())
         with Image.open(tar.extractfile(f"{rows['a_portrait']['key']}_0.jpg")) as crop:
             assert crop.size == (112, 112)
@@ -259,7 +260,7 @@ def test_yunet_sface_backend(downloaded, tmp_path):
 
 def test_resume_skips_done_shards_and_redoes_unfinished_ones(downloaded, tmp_path):
     run_faces(downloaded, tmp_path)
-    out = face_dir(tmp_path)
+    out = RunLayout(tmp_path).step_dir("faces")
     done = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     first = (out / "00000.parquet").read_bytes()
 
@@ -278,7 +279,7 @@ def test_resume_skips_done_shards_and_redoes_unfinished_ones(downloaded, tmp_pat
 
 def test_needs_a_finished_download_shard(tmp_path):
     with pytest.raises(RuntimeError, match="00003 is not finished"):
-        run_face_shard(3, config_from_dict(BASE), tmp_path, progress=False)
+        run_shard("faces", 3, config_from_dict(BASE), tmp_path, progress=False)
 
 
 def test_run_report_funnel_and_contact_sheet(faced):

@@ -16,6 +16,8 @@ import yaml
 
 from facedata.errors import UserError
 from facedata.flip.config import train_config_from_dict
+from facedata.pipeline import run_shard
+from facedata.run_layout import RunLayout
 from tests.conftest import REPO
 
 SMALL_MODEL = {
@@ -334,7 +336,6 @@ def test_relevance_filter_in_the_caption_stage(trained, demo_run, tmp_path):
     import pyarrow.parquet as pq
 
     from facedata import records
-    from facedata.caption_stage import caption_dir, run_caption_shard
     from facedata.config import load_config
 
     def caption_run(min_score: float) -> list[dict]:
@@ -345,8 +346,9 @@ def test_relevance_filter_in_the_caption_stage(trained, demo_run, tmp_path):
                                                       f"relevance.min_score={min_score}"])
         shard_ids = sorted(int(p.name[:5]) for p in (run / "identity").glob("0*.parquet"))
         for shard in shard_ids:
-            run_caption_shard(shard, cfg, run, progress=False)
-        return [r for p in sorted(caption_dir(run).glob("0*.parquet")) for r in pq.read_table(p).to_pylist()]
+            run_shard("captions", shard, cfg, run, progress=False)
+        captions = RunLayout(run).step_dir("captions")
+        return [r for p in sorted(captions.glob("0*.parquet")) for r in pq.read_table(p).to_pylist()]
 
     everything = caption_run(-1.0)
     scored = [r for r in everything if r["clip_score"] is not None]

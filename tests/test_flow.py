@@ -195,8 +195,8 @@ def test_grown_input_runs_only_its_new_shards_and_matches_a_fresh_run(tmp_path, 
     # Shard 00000 holds photo 0, now the near-duplicate of its larger copy: captioned again with its
     # other images' descriptions reused; the new shard's images were all described now.
     stats = {i: json.loads((grown / "captions" / f"0000{i}.stats.json").read_text()) for i in range(3)}
-    assert stats[0]["n_reused"] == stats[0]["n_described"] == 2
-    assert stats[2]["n_reused"] == 0 and stats[2]["n_described"] == 2
+    assert stats[0]["n_reused"] == stats[0]["n_in"] == 2
+    assert stats[2]["n_reused"] == 0 and stats[2]["n_in"] == 2
 
     final = check_run_consistent(grown, len(first) + len(later))
     fresh = check_run_consistent(tmp_path / "fresh", len(first) + len(later))

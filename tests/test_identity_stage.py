@@ -16,7 +16,8 @@ from PIL import Image
 from facedata import records
 from facedata.config import config_from_dict
 from facedata.errors import UserError
-from facedata.identity_stage import identity_dir, run_identity_stage
+from facedata.pipeline import run_global
+from facedata.run_layout import RunLayout
 from facedata.shards import read_records
 from tests.conftest import copy_faced_run, download_and_find_faces, package_dir
 
@@ -61,12 +62,12 @@ def fresh_copy(base_run, tmp_path) -> Path:
 
 
 def final_rows(run) -> list[dict]:
-    return [row for path in sorted(identity_dir(run).glob("0*.parquet")) for row in pq.read_table(path).to_pylist()]
+    return [row for path in sorted(RunLayout(run).step_dir("identity").glob("0*.parquet")) for row in pq.read_table(path).to_pylist()]
 
 
 def test_identities_match_the_people(base_run, tmp_path):
     run = fresh_copy(base_run, tmp_path)
-    report = run_identity_stage(make_config(run / "corpus.parquet"), run, base_run[1])
+    report = run_global("identity", make_config(run / "corpus.parquet"), run, base_run[1])
     assert report["metrics"]["pairwise_f"] >= 0.95
     rows = [r for r in final_rows(run) if r["identity_id"] is not None]
     by_person: dict[str, set] = {}
@@ -83,12 +84,12 @@ def test_identities_match_the_people(base_run, tmp_path):
 
 def test_cleaning_near_duplicate_splits_and_statuses(base_run, tmp_path):
     run = fresh_copy(base_run, tmp_path)
-    report = run_identity_stage(make_config(run / "corpus.parquet"), run, base_run[1])
+    report = run_global("identity", make_config(run / "corpus.parquet"), run, base_run[1])
     rows = {r["url"].rsplit("/", 1)[1]: r for r in final_rows(run)}
     assert rows["repost.jpg"]["status"] == records.NEAR_DUPLICATE
     assert rows["P006_studio_portrait.jpg"]["status"] == records.OK  # the larger copy stays
     kept = [r for r in rows.values() if r["status"] == records.OK]
-    assert report["identity_status_counts"] == {"ok": len(kept), "near_duplicate": 1}
+    assert report["step_status_counts"] == {"ok": len(kept), "near_duplicate": 1}
     split_of: dict[int, set] = {}
     for row in kept:
         split_of.setdefault(row["identity_id"], set()).add(row["split"])
@@ -97,14 +98,14 @@ def test_cleaning_near_duplicate_splits_and_statuses(base_run, tmp_path):
     assert all(r["split"] is None for r in rows.values() if r["status"] != records.OK)
     face_ids = rows["P001_studio_portrait.jpg"]["face_identity_ids"]
     assert rows["P001_studio_portrait.jpg"]["identity_id"] in face_ids
-    assert (identity_dir(run) / "gallery.png").stat().st_size > 0
+    assert (RunLayout(run).step_dir("identity") / "gallery.png").stat().st_size > 0
 
 
 def test_cap_and_singletons(base_run, tmp_path):
     run = fresh_copy(base_run, tmp_path)
     cfg = make_config(run / "corpus.parquet", max_images_per_identity=2, drop_singletons=True,
                       drop_near_duplicates=False)
-    run_identity_stage(cfg, run, base_run[1])
+    run_global("identity", cfg, run, base_run[1])
     rows = final_rows(run)
     status = {r["url"].rsplit("/", 1)[1]: r["status"] for r in rows}
     assert status["astronaut.png"] == records.SINGLETON_IDENTITY
@@ -123,7 +124,7 @@ def test_optout_gallery_removes_every_image_of_that_person(base_run, tmp_path):
     gallery.mkdir()
     with Image.open(person_photo("P003", "character_sheet")) as im:  # not one of the run's photos
         im.convert("RGB").crop((30, 70, 560, 660)).save(gallery / "request.jpg")
-    report = run_identity_stage(make_config(run / "corpus.parquet", optout_gallery=str(gallery)), run, base_run[1])
+    report = run_global("identity", make_config(run / "corpus.parquet", optout_gallery=str(gallery)), run, base_run[1])
     rows = final_rows(run)
     p3 = [r["status"] for r in rows if r["person"] == "P003"]
     assert p3 == [records.OPTOUT_MATCH] * len(SHOTS)
@@ -138,11 +139,11 @@ def test_optout_photo_without_a_face_and_wrong_dimension(base_run, tmp_path):
     gallery.mkdir()
     shutil.copy(package_dir("skimage") / "data" / "coffee.png", gallery / "coffee.png")
     with pytest.raises(UserError, match="coffee.png: no usable face"):
-        run_identity_stage(make_config(run / "corpus.parquet", optout_gallery=str(gallery)), run, base_run[1])
+        run_global("identity", make_config(run / "corpus.parquet", optout_gallery=str(gallery)), run, base_run[1])
     (gallery / "coffee.png").unlink()
     np.save(gallery / "vectors.npy", np.ones((2, 128), np.float32))
     with pytest.raises(UserError, match="vectors.npy: opt-out embeddings have dimension 128"):
-        run_identity_stage(make_config(run / "corpus.parquet", optout_gallery=str(gallery)), run, base_run[1])
+        run_global("identity", make_config(run / "corpus.parquet", optout_gallery=str(gallery)), run, base_run[1])
 
 
 def test_shard_with_wrong_embedding_dimension_is_named(base_run, tmp_path):
@@ -152,23 +153,23 @@ def test_shard_with_wrong_embedding_dimension_is_named(base_run, tmp_path):
     n = len(np.load(bad))
     np.save(bad, np.ones((n, 128), np.float16))
     with pytest.raises(UserError, match=f"{shard_ids[-1]:05d}.embeddings.npy: embeddings have dimension 128"):
-        run_identity_stage(make_config(run / "corpus.parquet"), run, shard_ids)
+        run_global("identity", make_config(run / "corpus.parquet"), run, shard_ids)
 
 
 def test_rerun_is_deterministic_and_done_stage_is_skipped(base_run, tmp_path):
     first = fresh_copy(base_run, tmp_path / "a")
     second = fresh_copy(base_run, tmp_path / "b")
     cfg = make_config(first / "corpus.parquet")
-    run_identity_stage(cfg, first, base_run[1])
-    run_identity_stage(cfg, second, base_run[1])
+    run_global("identity", cfg, first, base_run[1])
+    run_global("identity", cfg, second, base_run[1])
     drop = ["url"]
     a = read_records(first / "shards")  # same inputs
     assert a.num_rows == read_records(second / "shards").num_rows
-    for path in sorted(identity_dir(first).glob("0*.parquet")):
-        assert pq.read_table(path).drop(drop).equals(pq.read_table(identity_dir(second) / path.name).drop(drop))
-    done = identity_dir(first) / "identity.json"
+    for path in sorted(RunLayout(first).step_dir("identity").glob("0*.parquet")):
+        assert pq.read_table(path).drop(drop).equals(pq.read_table(RunLayout(second).step_dir("identity") / path.name).drop(drop))
+    done = RunLayout(first).step_dir("identity") / "identity.json"
     mtime = done.stat().st_mtime_ns
-    run_identity_stage(cfg, first, base_run[1])
+    run_global("identity", cfg, first, base_run[1])
     assert done.stat().st_mtime_ns == mtime
 
 
@@ -181,7 +182,7 @@ def test_no_faces_at_all(base_run, tmp_path):
         table = table.set_column(table.column_names.index("faces"), "faces",
                                  pa.nulls(table.num_rows, table.schema.field("faces").type))
         pq.write_table(table, path)
-    report = run_identity_stage(make_config(run / "corpus.parquet"), run, base_run[1])
+    report = run_global("identity", make_config(run / "corpus.parquet"), run, base_run[1])
     assert report["n_faces"] == 0 and report["n_identities"] == 0
 
 
@@ -199,9 +200,9 @@ def test_gallery_shows_the_flagged_outliers_and_no_placeholder_tiles(base_run, t
     monkeypatch.setattr(identity_stage, "write_gallery",
                         lambda *a, **k: galleries.append(gallery(*a, **k)) or galleries[-1])
     # The people's faces sit 0.80-0.95 from their identity's centre: 0.815 flags the five least central.
-    report = run_identity_stage(make_config(run / "corpus.parquet", outlier_threshold=0.815), run, base_run[1])
+    report = run_global("identity", make_config(run / "corpus.parquet", outlier_threshold=0.815), run, base_run[1])
     flagged = {}
-    for path in sorted(identity_dir(run).glob("0*.parquet")):
+    for path in sorted(RunLayout(run).step_dir("identity").glob("0*.parquet")):
         for row, record in enumerate(pq.read_table(path).to_pylist()):
             if record["identity_outlier"]:
                 flagged[(int(path.stem), row)] = record["identity_id"]
@@ -222,4 +223,4 @@ def test_gallery_shows_the_flagged_outliers_and_no_placeholder_tiles(base_run, t
     assert sum(caption.startswith("OUTLIER of identity") for _, caption in images) == len(outliers)
     gaps = len(drawn) - len(images)
     assert gaps == sum(result.columns - len(row) for row in result.rows) > 0
-    assert report["gallery"] == str(identity_dir(run) / "gallery.png") == str(result.path)
+    assert report["gallery"] == str(RunLayout(run).step_dir("identity") / "gallery.png") == str(result.path)

@@ -71,7 +71,7 @@ def test_progress_counts_rates_and_resumed_shards(tmp_path, caplog):
         tracker.shard_done("download", _download(10, 9, seconds=4.0, finished_at=1003.9))
         now[0] = 1006.0  # started at 1001: the window stays 1000-1006, with 30 samples processed
         tracker.shard_done("download", _download(20, 20, seconds=5.0, finished_at=1005.9))
-        tracker.shard_done("faces", {"n_analyzed": 7, "face_status_counts": {"ok": 5, "no_face": 2},
+        tracker.shard_done("faces", {"n_in": 7, "step_status_counts": {"ok": 5, "no_face": 2},
                                      "seconds": 2.0, "finished_at": 1005.9})
         tracker.shard_failed("faces")
     assert [r.getMessage() for r in caplog.records if r.name == "facedata.flow"] == [
@@ -110,7 +110,7 @@ def test_failed_shard_tasks_in_a_flow_run(tmp_path):
 
     @task
     def faces(plan: ShardPlan, downloaded: dict) -> dict:
-        return {"n_analyzed": downloaded["n_ok"], "face_status_counts": {"ok": 2}, "seconds": 0.01,
+        return {"n_in": downloaded["n_ok"], "step_status_counts": {"ok": 2}, "seconds": 0.01,
                 "finished_at": time.time()}
 
     @flow(task_runner=ThreadPoolTaskRunner(max_workers=2))

@@ -33,7 +33,7 @@ curation flow (not wired in yet): after the caption stage composed `face_caption
 
     ckpt = load_checkpoint(cfg.relevance.checkpoint)           # once per worker, not per shard
     # rows: the shard's caption records; image_bytes: its kept images from RUN/shards/NNNNN.tar
-    # (read as run_caption_shard reads them, with shards.tar_images)
+    # (read as the caption step reads them, with shards.tar_images)
     ok = [i for i, r in enumerate(rows) if r["status"] == records.OK and r["face_caption"]]
     scores = clip_scores(ckpt, [image_bytes[i] for i in ok], [rows[i]["face_caption"] for i in ok],
                          boxes=[rows[i]["faces"][rows[i]["primary_face"]]["bbox"] for i in ok]
