@@ -9,7 +9,7 @@ full-length shots and crops of the 6- and 16-face sheets), put through the real 
 stages once (served on loopback) and cached under benchmarks/_work/attributes_run_N/.
 
 Contenders, each in its own subprocess, models loaded before the clock starts:
-- ours: the caption step (facedata.caption_stage.CaptionStep) over every shard, as the flow runs it: faces of
+- ours: the caption step (facedata.captions.step.CaptionStep) over every shard, as the flow runs it: faces of
   attributes.batch_size per model call, each model with `threads` intra-op threads.
 - one-at-a-time: the same predictor objects, the same decoding and the same caption composer,
   but every model called with a single face, as a per-face loop would.
@@ -46,7 +46,7 @@ def _faces_benchmark():
 
 
 def _config(run: Path, threads: int = 1):
-    from facedata.config import config_from_dict
+    from facedata.core.config import config_from_dict
 
     return config_from_dict({
         "attributes": {"threads": threads},
@@ -63,8 +63,8 @@ def prepare_run(n: int) -> tuple[Path, list[int]]:
     import pyarrow.parquet as pq
 
     from facedata.pipeline import run_shard
-    from facedata.reader import plan_shards
-    from facedata.webserver import LoopbackServer
+    from facedata.ingest.reader import plan_shards
+    from facedata.demo.server import LoopbackServer
 
     faces_benchmark = _faces_benchmark()
     entries = faces_benchmark.build_corpus(n, seed=0)
@@ -96,9 +96,9 @@ def worker(kind: str, run: Path, shards: list[int], threads: int) -> dict:
     import torch
 
     from facedata.attributes import load_predictors
-    from facedata.caption_stage import thresholds
+    from facedata.captions.step import thresholds
     from facedata.pipeline import run_shard
-    from facedata.run_layout import RunLayout
+    from facedata.core.run_layout import RunLayout
 
     torch.set_num_threads(threads)
     cfg = _config(run, threads)
@@ -134,11 +134,11 @@ def _one_at_a_time(run, shards, predictors, needed, cfg, limit=None) -> tuple[in
     """The stage's work with every model called on one face at a time."""
     import pyarrow.parquet as pq
 
-    from facedata import records
-    from facedata.caption_stage import decode_faces, describe, described_faces
-    from facedata.captions import compose_caption
-    from facedata.run_layout import RunLayout
-    from facedata.shards import shard_name, tar_images
+    from facedata.core import records
+    from facedata.captions.step import decode_faces, describe, described_faces
+    from facedata.captions.compose import compose_caption
+    from facedata.core.run_layout import RunLayout
+    from facedata.core.shards import shard_name, tar_images
 
     by_step: Counter = Counter()
     faces = images = 0

@@ -142,10 +142,10 @@ def _usage() -> dict:
 def run_ours(emb_path: Path, label_path: Path, params: dict) -> list[dict]:
     """One k-NN graph, then both clustering methods on it (components after Chinese Whispers, so
     the peak RSS of the Chinese Whispers row is its own)."""
-    from facedata.cluster_metrics import clustering_metrics
-    from facedata.clustering import cluster, cluster_summary
-    from facedata.config import IdentityConfig
-    from facedata.knn import build_knn
+    from facedata.identity.metrics import clustering_metrics
+    from facedata.identity.clustering import cluster, cluster_summary
+    from facedata.core.config import IdentityConfig
+    from facedata.identity.knn import build_knn
 
     cfg = IdentityConfig(**params)
     emb = np.load(emb_path, mmap_mode="r")
@@ -176,7 +176,7 @@ def run_ours(emb_path: Path, label_path: Path, params: dict) -> list[dict]:
 def run_sklearn(emb_path: Path, label_path: Path, method: str, params: dict) -> list[dict]:
     from sklearn.cluster import DBSCAN, HDBSCAN
 
-    from facedata.cluster_metrics import clustering_metrics
+    from facedata.identity.metrics import clustering_metrics
 
     t0 = time.perf_counter()
     x = np.asarray(np.load(emb_path, mmap_mode="r"), dtype=np.float32)

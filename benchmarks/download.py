@@ -10,7 +10,7 @@ What it does, all under benchmarks/_work/ (gitignored):
 1. Builds a pool of ~200 real JPEGs: openpeople's photos, cropped, sometimes mirrored, downscaled
    to 400-640 px on the longer side and saved at varied quality (so the server hands out distinct
    files of realistic web size, not one cached blob).
-2. Serves the pool with `facedata.webserver.LoopbackServer` in a separate process, so the server's
+2. Serves the pool with `facedata.demo.server.LoopbackServer` in a separate process, so the server's
    CPU is in neither tool's process tree. It still shares the machine's cores with them, and its
    CPU seconds are reported beside each run.
 3. Writes a URL + caption parquet of N rows; every URL is distinct (`/img/0123.jpg?i=N`).
@@ -58,8 +58,8 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SAMPLE_INTERVAL = 0.1
 
 sys.path.insert(0, str(REPO))
-from facedata.packages import package_dir  # noqa: E402
-from facedata.webserver import LoopbackServer  # noqa: E402
+from facedata.core.packages import package_dir  # noqa: E402
+from facedata.demo.server import LoopbackServer  # noqa: E402
 
 
 # ---------------------------------------------------------------- inputs

@@ -23,7 +23,7 @@ on a few images before the clock starts; every contender reads the same files fr
   full resolution and app.get(img): it detects, aligns and embeds every face scoring >= 0.5.
   Run with onnxruntime's default threads (one per physical core, in every session call) and
   with one thread (onnxruntime and OpenCV), the per-core reference.
-- ours: facedata.face_stage.analyze_encoded on batches of faces.batch_size, submitted to the
+- ours: facedata.faces.step.analyze_encoded on batches of faces.batch_size, submitted to the
   stage's own process-wide pool (one thread per core, one onnxruntime thread per call), as
   the face step does. Configurations: the default FaceConfig (lists faces scoring >=
   min_score, embeds the faces of at least min_face_side of the images the filter keeps);
@@ -81,7 +81,7 @@ PROFILE_IMAGES = 200
 CEILING_DISTINCT = 16
 
 sys.path.insert(0, str(REPO))
-from facedata.packages import package_dir  # noqa: E402
+from facedata.core.packages import package_dir  # noqa: E402
 
 # ---------------------------------------------------------------- corpus
 
@@ -171,7 +171,7 @@ def build_corpus(n: int, seed: int) -> list[dict]:
     """The first n corpus images (built if missing): manifest entries with file, width, height."""
     from PIL import Image
 
-    from facedata.face_models import load_models
+    from facedata.faces.models import load_models
 
     CORPUS.mkdir(parents=True, exist_ok=True)
     manifest_path = CORPUS / "manifest.json"
@@ -335,7 +335,7 @@ def worker_naive(entries: list[dict], out: Path, threads: int | None) -> dict:
 
 
 def _face_config(variant: str):
-    from facedata.config import FaceConfig, FaceFilterConfig
+    from facedata.core.config import FaceConfig, FaceFilterConfig
 
     if variant == "embed-all":
         # List and embed every face the detector keeps (its threshold is 0.5), as FaceAnalysis does.
@@ -350,9 +350,9 @@ def _face_config(variant: str):
 def worker_ours(entries: list[dict], out: Path, variant: str) -> dict:
     from collections import deque
 
-    from facedata.config import ImageConfig
-    from facedata.face_models import default_threads
-    from facedata.face_stage import _pool, analyze_encoded, face_workers, stage_analyzer
+    from facedata.core.config import ImageConfig
+    from facedata.faces.models import default_threads
+    from facedata.faces.step import _pool, analyze_encoded, face_workers, stage_analyzer
 
     cfg = _face_config(variant)
     max_pixels = ImageConfig().max_pixels
@@ -435,9 +435,9 @@ def _blob(canvases: list[np.ndarray]) -> np.ndarray:
 def worker_ceiling(entries: list[dict], out: Path) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
-    from facedata.config import FaceConfig, ImageConfig
-    from facedata.face_models import default_threads, load_models
-    from facedata.face_stage import decode_for_faces, face_workers
+    from facedata.core.config import FaceConfig, ImageConfig
+    from facedata.faces.models import default_threads, load_models
+    from facedata.faces.step import decode_for_faces, face_workers
 
     cfg = FaceConfig()
     started = time.perf_counter()
@@ -499,8 +499,8 @@ def worker_profile(entries: list[dict], out: Path) -> dict:
     import cProfile
     import pstats
 
-    from facedata.config import FaceConfig, ImageConfig
-    from facedata.face_stage import analyze_encoded, stage_analyzer
+    from facedata.core.config import FaceConfig, ImageConfig
+    from facedata.faces.step import analyze_encoded, stage_analyzer
 
     cfg = FaceConfig()
     max_pixels = ImageConfig().max_pixels

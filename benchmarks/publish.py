@@ -1,4 +1,4 @@
-"""Publish throughput and memory: `facedata.publish.publish_run` on runs of 1,000 and 10,000 kept samples,
+"""Publish throughput and memory: `facedata.publish.writer.publish_run` on runs of 1,000 and 10,000 kept samples,
 against `datasets.Dataset.from_generator(...).to_parquet(...)` writing the same rows.
 
     .venv/bin/python benchmarks/publish.py                  # 1k and 10k, crops at 10k, baseline; ~2 min (+1.5 min once)
@@ -22,7 +22,7 @@ first on the demo run itself (imports, matplotlib's first figure, datasets' firs
   `crops=True` (the primary face crop re-encoded as the webdataset image) at the largest size;
 - datasets: `Dataset.from_generator(gen, features={key, image: Image(), caption}, cache_dir=...)`
   then `.to_parquet(DEST/data.parquet)`; the generator reads the same run with
-  `facedata.publish.iter_samples`, so both sides pay the same reading cost.
+  `facedata.publish.writer.iter_samples`, so both sides pay the same reading cost.
 
 Figures: samples/s (wall), samples per CPU-second (user + system of the subprocess, steadier on a
 shared machine), peak RSS (ru_maxrss of the subprocess) and its value after the warm-up, RSS at the end
@@ -154,7 +154,7 @@ def prepare_run(n: int) -> Path:
     """A finished run of exactly n kept samples, replicated from the demo run (built once)."""
     import pyarrow.parquet as pq
 
-    from facedata.shards import shard_name
+    from facedata.core.shards import shard_name
 
     run = WORK / f"publish_run_{n}"
     if (run / "prepared.json").exists():
@@ -235,7 +235,7 @@ def _size(path: Path) -> int:
 
 
 def _hf_rows(run: str):
-    from facedata.publish import find_shards, iter_samples
+    from facedata.publish.writer import find_shards, iter_samples
 
     for sample in iter_samples(find_shards(Path(run))):
         key = sample.record["key"]
@@ -266,15 +266,15 @@ def worker(kind: str, n: int, crops: bool) -> dict:
     pa.set_io_thread_count(1)
     import datasets  # noqa: F401 - both sides import it (publish builds its schema with it)
 
-    import facedata.card
-    from facedata.publish import publish_run
+    import facedata.publish.card
+    from facedata.publish.writer import publish_run
 
     run = prepare_run(n)
     tag = f"{kind}-{n}{'-crops' if crops else ''}"
     dest = OUT / tag
     warm = OUT / f"warmup-{tag}"
     card_s = []
-    write_card = facedata.card.write_dataset_card
+    write_card = facedata.publish.card.write_dataset_card
 
     def timed_card(*args, **kwargs):
         t = time.perf_counter()
@@ -283,7 +283,7 @@ def worker(kind: str, n: int, crops: bool) -> dict:
         finally:
             card_s.append(time.perf_counter() - t)
 
-    facedata.card.write_dataset_card = timed_card
+    facedata.publish.card.write_dataset_card = timed_card
     if kind == "publish":
         publish_run(demo_run(), warm, overwrite=True, crops=crops, progress=False)
     else:

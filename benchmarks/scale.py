@@ -13,7 +13,7 @@ What it does, all under benchmarks/_work/ (gitignored):
    mirrored, with brightness, contrast and colour jittered, scaled to 400-800 px on the longer side
    and saved at JPEG quality 70-92. Every row is a different file with different pixels, so no
    stage gets a cached or exactly repeated input.
-2. Serves the pool with `facedata.webserver.LoopbackServer` in a process of its own (its CPU is
+2. Serves the pool with `facedata.demo.server.LoopbackServer` in a process of its own (its CPU is
    reported apart). 5% of the rows are broken, one in five each of: 404, 500 (retried once, then
    failed), an HTML page where an image was expected, a body cut in half, and a reply slower than the timeout.
 3. Runs `facedata run` (Prefect flow, `runner.kind: dask` by default, `max_workers` 1 or 2, one
@@ -65,7 +65,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 from download import RunResult, ServerProcess, measure, tool_env  # noqa: E402
 
-from facedata.packages import package_dir  # noqa: E402
+from facedata.core.packages import package_dir  # noqa: E402
 
 # ---------------------------------------------------------------- the corpus
 
@@ -231,11 +231,11 @@ def _report_publish_seconds(run_dir: Path, dataset: Path) -> dict:
 def _stages_alone(config_path: str, out_json: str) -> None:
     """In this process, no Prefect: each stage over every shard in turn, timed on its own."""
     from facedata.pipeline import run_shard
-    from facedata.config import load_config
+    from facedata.core.config import load_config
     from facedata.pipeline import run_global
-    from facedata.publish import publish
-    from facedata.reader import plan_shards
-    from facedata.summary import write_run_report
+    from facedata.publish.writer import publish
+    from facedata.ingest.reader import plan_shards
+    from facedata.report.summary import write_run_report
 
     cfg = load_config(config_path)
     run_dir = Path(cfg.output.dir)

@@ -7,7 +7,7 @@ point (`open_clip_train.main`, shipped in the open_clip_torch wheel), same shard
 
 Data (built once under benchmarks/_work/train/): the 1,000-sample run of benchmarks/publish.py (`facedata demo`
 replicated with new keys and identities, benchmarks/_work/publish_run_1000/) published by
-`facedata.publish.publish_run` with 100 samples per shard. On CPU with `crops=True`: the webdataset image is the
+`facedata.publish.writer.publish_run` with 100 samples per shard. On CPU with `crops=True`: the webdataset image is the
 primary face crop (790 train samples in 8 tars), which both tools read whole (ours: `data.use_crops: false`).
 The GPU section uses whole images (`crops=False`, 50 samples per shard, 16 tars).
 
@@ -83,7 +83,7 @@ def published(crops: bool, samples_per_shard: int) -> Path:
     sys.path.insert(0, str(REPO / "benchmarks"))
     import publish as publish_bench  # benchmarks/publish.py: the replicated demo run
 
-    from facedata.publish import publish_run
+    from facedata.publish.writer import publish_run
 
     run = publish_bench.prepare_run(SOURCE_SAMPLES)
     dest = TRAIN_WORK / ("data_crops" if crops else "data_full")
@@ -289,7 +289,7 @@ _OC_LINE = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+).*?Data \(t\): ([\d.]
 
 
 def worker_open_clip(spec: dict, run_dir: Path) -> dict:
-    from facedata.torchvision_compat import ensure_torchvision
+    from facedata.core.torchvision_compat import ensure_torchvision
 
     ensure_torchvision()  # before open_clip imports torchvision
     import open_clip

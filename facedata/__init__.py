@@ -38,8 +38,8 @@ def open_run(run_dir):
 
 
 def publish_run(run_dir, to, **options) -> dict:
-    """Publish a finished run to a folder or a Hub repo; see facedata.publish.publish. (Not named
-    `publish`: importing the facedata.publish module would replace it.)"""
-    from facedata.publish import publish as _publish
+    """Publish a finished run to a folder or a Hub repo; see facedata.publish.writer.publish. (Not named
+    `publish`: importing the facedata.publish.writer module would replace it.)"""
+    from facedata.publish.writer import publish as _publish
 
     return _publish(run_dir, to, **options)

@@ -13,11 +13,11 @@ from typing import get_args
 
 from pydantic import ValidationError
 
-from facedata.config import ConfigError, FaceConfig, FaceFilterConfig, ImageConfig, load_config
-from facedata.errors import UserError
+from facedata.core.config import ConfigError, FaceConfig, FaceFilterConfig, ImageConfig, load_config
+from facedata.core.errors import UserError
 from facedata.flip.evaluate import add_eval_parser, run_eval_command
 from facedata.flip.search import add_search_parser, run_search_command
-from facedata.prefect_env import configure_prefect
+from facedata.core.prefect_env import configure_prefect
 from flows.deploy import add_serve_parser, run_serve_command
 
 
@@ -117,14 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_run(args) -> int:
     cfg = load_config(args.config, args.overrides)
     run_dir = args.output or Path(cfg.output.dir)
-    from facedata.summary import format_summary
+    from facedata.report.summary import format_summary
 
     if args.dry_run:
         from facedata.pipeline import dry_run
 
         print("\n".join(dry_run(cfg, run_dir)))
         return 0
-    from facedata.reader import check_run
+    from facedata.ingest.reader import check_run
 
     # A bad input or run directory is one line now, before the models load and Prefect starts.
     check_run(cfg, run_dir, "--output" if args.output else "output.dir")
@@ -142,14 +142,14 @@ def cmd_run(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from facedata.demo import run_demo
+    from facedata.demo.run import run_demo
 
     run_demo(args.output, progress=not args.no_progress, train=not args.no_train)
     return 0
 
 
 def cmd_detect(args) -> int:
-    from facedata.face_stage import detect_files
+    from facedata.faces.step import detect_files
 
     try:
         cfg = FaceConfig(backend=args.backend, model_dir=args.model_dir, det_size=args.det_size,
@@ -185,7 +185,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_publish(args) -> int:
-    from facedata.publish import publish
+    from facedata.publish.writer import publish
 
     result = publish(args.run_dir, args.to, repo=args.repo, private=not args.public, dry_run=args.dry_run,
                      overwrite=args.overwrite, skip_partial=args.skip_partial, crops=args.crops,
@@ -208,7 +208,7 @@ def _stop_at_once(signum, frame) -> None:
     completion record is written last); the temp files of the writes in progress are removed, so
     nothing partial is left; the rerun redoes the unfinished shards. Unwinding instead would wait
     for every running task and for Prefect to report the cancellation, over a minute of tracebacks."""
-    from facedata.shards import discard_in_flight
+    from facedata.core.shards import discard_in_flight
 
     discard_in_flight()
     print("facedata: interrupted; rerun the same command to resume", file=sys.stderr, flush=True)

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import yaml
 
-from facedata.config import Config, config_from_dict, load_config
-from facedata.fingerprints import Fingerprint, StepPlan, model_infos, plan_run, step_fingerprints, write_fingerprints
-from facedata.reader import ShardPlan, check_input, load_plan, plan_shards
-from facedata.run_layout import RunLayout
-from facedata.shards import atomic_write_bytes
-from facedata.step import BUILTIN_STEPS, GLOBAL_STEPS, builtin_step, pipeline, run_global_step, run_shard_step, source_of
+from facedata.core.config import Config, config_from_dict, load_config
+from facedata.core.fingerprints import Fingerprint, StepPlan, model_infos, plan_run, step_fingerprints, write_fingerprints
+from facedata.ingest.reader import ShardPlan, check_input, load_plan, plan_shards
+from facedata.core.run_layout import RunLayout
+from facedata.core.shards import atomic_write_bytes
+from facedata.core.step import BUILTIN_STEPS, GLOBAL_STEPS, builtin_step, pipeline, run_global_step, run_shard_step, source_of
 
 log = logging.getLogger("facedata.pipeline")
 
@@ -89,7 +89,7 @@ def curate(config: Config | dict | str | Path, output: str | Path | None = None,
 
     `config`: a Config, a dict as in the YAML files, or a YAML path; `output`: the run directory
     (default: the config's output.dir). A rerun reuses every output whose settings did not change."""
-    from facedata.summary import write_run_report
+    from facedata.report.summary import write_run_report
 
     cfg = _config(config)
     layout = RunLayout(output or cfg.output.dir)
@@ -118,8 +118,8 @@ def curate(config: Config | dict | str | Path, output: str | Path | None = None,
 
 def publish(run_dir: str | Path, cfg: Config, progress: bool = False) -> dict:
     """Publish a finished run where `cfg.publish` says (the flow's last step)."""
-    from facedata.publish import holds_publish_of
-    from facedata.publish import publish as publish_run
+    from facedata.publish.writer import holds_publish_of
+    from facedata.publish.writer import publish as publish_run
 
     options = cfg.publish
     # A scheduled run whose input grew publishes the new version over its own earlier publish.
@@ -137,7 +137,7 @@ def open_run(run_dir: str | Path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from facedata.errors import UserError
+    from facedata.core.errors import UserError
 
     layout = RunLayout(run_dir)
     if not layout.step_dir("download").is_dir():

@@ -26,14 +26,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
-from facedata.config import Config, RunnerConfig
-from facedata.errors import UserError
-from facedata.fingerprints import Fingerprint, model_infos, step_fingerprints
+from facedata.core.config import Config, RunnerConfig
+from facedata.core.errors import UserError
+from facedata.core.fingerprints import Fingerprint, model_infos, step_fingerprints
 from facedata.pipeline import begin_run
-from facedata.prefect_env import start_api_server
-from facedata.reader import ShardPlan, check_input, plan_shards
-from facedata.run_artifacts import RunProgress, publish_run_artifacts
-from facedata.run_layout import RunLayout
+from facedata.core.prefect_env import start_api_server
+from facedata.ingest.reader import ShardPlan, check_input, plan_shards
+from facedata.report.prefect_artifacts import RunProgress, publish_run_artifacts
+from facedata.core.run_layout import RunLayout
 
 log = logging.getLogger("facedata.flow")
 
@@ -67,7 +67,7 @@ def identity_task(cfg: Config, run_dir: str, shard_ids: list[int], fingerprint: 
 
 @task(name="report", cache_policy=NO_CACHE)
 def report_task(cfg: Config, run_dir: str, stage_seconds: dict) -> dict:
-    from facedata.summary import write_run_report
+    from facedata.report.summary import write_run_report
 
     return write_run_report(
         Path(run_dir), cfg.faces.enabled, cfg.output.contact_sheet_max, cfg.output.contact_sheet, stage_seconds

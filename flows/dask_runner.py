@@ -26,9 +26,9 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from prefect_dask import DaskTaskRunner
 from prefect_dask.client import PrefectDaskClient
 
-from facedata.config import RunnerConfig
-from facedata.errors import UserError
-from facedata.prefect_env import is_loopback
+from facedata.core.config import RunnerConfig
+from facedata.core.errors import UserError
+from facedata.core.prefect_env import is_loopback
 
 PLUGIN_NAME = "facedata-worker-setup"
 
@@ -43,7 +43,7 @@ class WorkerSetup(WorkerPlugin):
         self.log_level = log_level
 
     def setup(self, worker) -> None:
-        from facedata.prefect_env import QUIET_DEFAULTS
+        from facedata.core.prefect_env import QUIET_DEFAULTS
 
         for key, value in QUIET_DEFAULTS.items():
             os.environ.setdefault(key, value)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from facedata.errors import UserError
+from facedata.core.errors import UserError
 
 DEFAULT_CRON = "0 2 * * *"
 
@@ -84,7 +84,7 @@ def training_spec(cfg, *, name: str, cron: str | None = None, timezone: str | No
 
 def build_specs(args) -> list[tuple]:
     """What `facedata serve` serves, from its parsed arguments: (flow, deployment options) pairs."""
-    from facedata.config import load_config
+    from facedata.core.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     run_dir = args.output or Path(cfg.output.dir)
@@ -161,8 +161,8 @@ def check_server() -> str:
 
 
 def run_serve_command(args) -> int:
-    from facedata.config import load_config
-    from facedata.reader import check_run
+    from facedata.core.config import load_config
+    from facedata.ingest.reader import check_run
 
     # What would fail every scheduled run (a missing input, an unwritable run directory) fails now.
     cfg = load_config(args.config, args.overrides)

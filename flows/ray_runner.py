@@ -20,9 +20,9 @@ import socket
 import sys
 from typing import TYPE_CHECKING, Any
 
-from facedata.config import RunnerConfig
-from facedata.errors import UserError
-from facedata.prefect_env import QUIET_DEFAULTS, is_loopback
+from facedata.core.config import RunnerConfig
+from facedata.core.errors import UserError
+from facedata.core.prefect_env import QUIET_DEFAULTS, is_loopback
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing's own from Python 3.11

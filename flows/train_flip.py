@@ -46,7 +46,7 @@ def run_training(cfg: TrainConfig, progress: bool = True) -> dict:
     """Run the flow. Inputs are checked first, so a missing split or checkpoint is one line for
     the user rather than a failed flow run."""
     from facedata.flip.train import check_inputs
-    from facedata.prefect_env import start_api_server
+    from facedata.core.prefect_env import start_api_server
 
     check_inputs(cfg)
     start_api_server()

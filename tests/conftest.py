@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from facedata.packages import package_dir
-from facedata.webserver import LoopbackServer
+from facedata.core.packages import package_dir
+from facedata.demo.server import LoopbackServer
 from facedata.pipeline import run_shard
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,7 +34,7 @@ def download_and_find_faces(web_root: Path, run: Path, rows: list[dict], make_co
     """Serve web_root on loopback, write run/corpus.parquet from `rows` (each: `file` under web_root,
     plus the corpus's other columns) and run the real download and face stages over every shard.
     `make_config(corpus_path)` gives the run's Config. Returns the shard ids."""
-    from facedata.reader import plan_shards
+    from facedata.ingest.reader import plan_shards
 
     with LoopbackServer(web_root) as server:
         columns = {"url": [server.url(row["file"]) for row in rows]}
@@ -92,7 +92,7 @@ def runner_reference(tmp_path_factory, web, web_root, cli_env) -> dict:
 def prefect_settings(tmp_path_factory):
     """Quiet Prefect settings, in a temporary home, for tests that use Prefect in this process.
     Prefect reads them when first imported: the first test to ask sets them for the session."""
-    from facedata.prefect_env import configure_prefect
+    from facedata.core.prefect_env import configure_prefect
 
     configure_prefect(tmp_path_factory.mktemp("prefect_home"))
 
@@ -166,7 +166,7 @@ class PrefectServer:
     stopped and started again on the same port."""
 
     def __init__(self, home: Path, env: dict):
-        from facedata.prefect_env import QUIET_DEFAULTS
+        from facedata.core.prefect_env import QUIET_DEFAULTS
 
         home.mkdir(parents=True, exist_ok=True)
         self.home, self.port = home, free_port()

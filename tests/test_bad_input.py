@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from facedata import reader
-from facedata.config import InputConfig
-from facedata.reader import InputError, check_input, check_run_dir, iter_samples, plan_shards
+from facedata.ingest import reader
+from facedata.core.config import InputConfig
+from facedata.ingest.reader import InputError, check_input, check_run_dir, iter_samples, plan_shards
 from tests.conftest import facedata_cmd
 
 

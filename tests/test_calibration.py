@@ -20,8 +20,8 @@ from facedata.attributes.calibration import (
     predict, read_hand_labels, statements, withheld_values,
 )  # fmt: skip
 from facedata.attributes.base import Prediction
-from facedata.caption_stage import NEVER, confident, thresholds
-from facedata.config import AttributeConfig
+from facedata.captions.step import NEVER, confident, thresholds
+from facedata.core.config import AttributeConfig
 
 LABELS = REPO / "tests" / "data" / "attribute_labels.csv"
 

@@ -12,13 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from facedata import records
-from facedata.caption_stage import thresholds
-from facedata.captions import attribute_words
-from facedata.config import ConfigError, config_from_dict
-from facedata.summary import write_run_report
+from facedata.core import records
+from facedata.captions.step import thresholds
+from facedata.captions.compose import attribute_words
+from facedata.core.config import ConfigError, config_from_dict
+from facedata.report.summary import write_run_report
 from facedata.pipeline import run_shard
-from facedata.run_layout import RunLayout
+from facedata.core.run_layout import RunLayout
 from tests.conftest import copy_faced_run, download_and_find_faces, package_dir
 
 PEOPLE = [f"P{i:03d}" for i in range(1, 11)]

@@ -18,7 +18,7 @@ import pytest
 
 from facedata.attributes.base import Prediction
 from facedata.attributes.vocabulary import ATTRIBUTES
-from facedata.captions import (
+from facedata.captions.compose import (
     REWRITE_PROMPT,
     TransformersRewriter,
     attribute_words,
@@ -29,7 +29,7 @@ from facedata.captions import (
     rewrite_caption,
     rewrite_keeps_attributes,
 )
-from facedata.errors import UserError
+from facedata.core.errors import UserError
 
 # Floors a little under what the composer measures on these sets (distinct-2 0.24-0.26 and
 # 0.096-0.100 over ten seeds): a change that makes captions repetitive fails here.
@@ -468,7 +468,7 @@ def _tiny_local_model(folder: Path) -> Path:
     """A tiny causal language model (GPT-2 shape, random weights) with a word-level tokenizer over
     the caption vocabulary, saved as a local transformers model folder: the rewriter's real code
     path (load, prompt, generate, decode) without downloading anything. Its rewrites are noise."""
-    from facedata.torchvision_compat import ensure_torchvision
+    from facedata.core.torchvision_compat import ensure_torchvision
 
     ensure_torchvision()
     transformers = pytest.importorskip("transformers")

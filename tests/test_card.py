@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 
 from facedata.attributes.vocabulary import ATTRIBUTES
-from facedata.card import card_images, measurements, size_category, write_dataset_card
+from facedata.publish.card import card_images, measurements, size_category, write_dataset_card
 
 # Shaped like a real summary.json (the demo run's, trimmed).
 SUMMARY = {
@@ -294,7 +294,7 @@ def test_samples_without_face_columns(tmp_path):
 
 
 def test_flat_sample_columns_as_publish_passes_them(tmp_path):
-    """facedata.publish hands over one flat row per sample (no nested columns): same plots, same numbers."""
+    """facedata.publish.writer hands over one flat row per sample (no nested columns): same plots, same numbers."""
     nested = make_samples()
     m = measurements(nested)
     flat = m[["width", "height", "n_faces", "face_side", "face_area_ratio", "age", "gender", "expression",

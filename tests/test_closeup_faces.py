@@ -17,10 +17,10 @@ import cv2
 import numpy as np
 import pytest
 
-from facedata.config import FaceConfig, FaceFilterConfig
-from facedata.face_models import CloseupDetector, load_analyzer
-from facedata.face_stage import detect_files
-from facedata.packages import package_dir
+from facedata.core.config import FaceConfig, FaceFilterConfig
+from facedata.faces.models import CloseupDetector, load_analyzer
+from facedata.faces.step import detect_files
+from facedata.core.packages import package_dir
 from tests.test_face_models import PEOPLE, person, photo, skimage_photo, t1
 
 FRACTIONS = (0.7, 0.8, 0.9, 1.0)  # the face box's longer side / the crop's side

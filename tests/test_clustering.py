@@ -10,11 +10,11 @@ import pytest
 from PIL import Image, ImageOps
 from sklearn.metrics.cluster import pair_confusion_matrix
 
-from facedata.cluster_metrics import bcubed_prf, clustering_metrics, n_clusters, pairwise_prf
-from facedata.clustering import cluster, cluster_faces, cluster_summary, similarity_graph
-from facedata.config import FaceConfig, IdentityConfig
-from facedata.knn import KnnGraph, build_knn, gpu_available
-from facedata.packages import package_dir
+from facedata.identity.metrics import bcubed_prf, clustering_metrics, n_clusters, pairwise_prf
+from facedata.identity.clustering import cluster, cluster_faces, cluster_summary, similarity_graph
+from facedata.core.config import FaceConfig, IdentityConfig
+from facedata.identity.knn import KnnGraph, build_knn, gpu_available
+from facedata.core.packages import package_dir
 
 METHODS = ["components", "chinese_whispers"]
 
@@ -286,7 +286,7 @@ def test_summary_sizes_centre_similarity_and_outliers():
 def openpeople_faces() -> tuple[np.ndarray, np.ndarray]:
     """Every face the default analyzer embeds in each person's portraits, selfies, posture shots,
     16-face emotions sheet and 6-view character sheet, labelled with the person id."""
-    from facedata.face_models import load_analyzer
+    from facedata.faces.models import load_analyzer
 
     root = package_dir("openpeople")
     analyzer = load_analyzer(FaceConfig())

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from facedata.config import ConfigError, config_from_dict, load_config
+from facedata.core.config import ConfigError, config_from_dict, load_config
 
 
 def test_key_given_twice_is_refused_with_its_lines(tmp_path):

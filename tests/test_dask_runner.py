@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from facedata import records
-from facedata.config import RunnerConfig, config_from_dict
+from facedata.core import records
+from facedata.core.config import RunnerConfig, config_from_dict
 from tests.conftest import facedata_cmd
 from tests.test_flow import check_run_consistent, write_config, write_corpus
 
@@ -42,7 +42,7 @@ def dask_setup(worker) -> None:
     """Dask worker preload hook: count real model loads in this worker process."""
     if LOAD_LOG_ENV not in os.environ:
         return
-    from facedata import face_models
+    from facedata.faces import models as face_models
     from facedata.attributes import age_gender
 
     # The face models' loader, called by load_models on a cache miss only.
@@ -50,7 +50,8 @@ def dask_setup(worker) -> None:
     # Looked up in its module by facedata.attributes._load (an lru_cache) on each cache miss.
     age_gender.load_age_gender = _counting("attributes", age_gender.load_age_gender)
     # The stage functions, looked up in their modules by each shard task: tasks per worker.
-    from facedata import caption_stage, face_stage
+    from facedata.captions import step as caption_stage
+    from facedata.faces import step as face_stage
 
     face_stage.FaceStep.run = _counting("faces-task", face_stage.FaceStep.run)
     caption_stage.CaptionStep.run = _counting("attributes-task", caption_stage.CaptionStep.run)
@@ -73,7 +74,7 @@ def test_local_cluster_settings(prefect_settings):
 
 
 def test_config_rejects_bad_address():
-    from facedata.config import ConfigError
+    from facedata.core.config import ConfigError
 
     base = {"input": {"path": "x.parquet"}}
     with pytest.raises(ConfigError, match="runner.dask_address"):

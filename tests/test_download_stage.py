@@ -8,11 +8,11 @@ import tarfile
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from facedata import records
-from facedata.config import config_from_dict
-from facedata.download_stage import RECORD_FIELDS
-from facedata.reader import plan_shards
-from facedata.shards import read_records, stats_path
+from facedata.core import records
+from facedata.core.config import config_from_dict
+from facedata.download.step import RECORD_FIELDS
+from facedata.ingest.reader import plan_shards
+from facedata.core.shards import read_records, stats_path
 from facedata.pipeline import run_shard
 
 

@@ -16,11 +16,11 @@ from urllib.parse import quote
 import pytest
 from PIL import Image
 
-from facedata import records
-from facedata.config import DownloadConfig
-from facedata.downloader import Downloader, is_opted_out, parse_retry_after, sniff_image_format
-from facedata.packages import package_dir
-from facedata.webserver import LoopbackServer
+from facedata.core import records
+from facedata.core.config import DownloadConfig
+from facedata.download.downloader import Downloader, is_opted_out, parse_retry_after, sniff_image_format
+from facedata.core.packages import package_dir
+from facedata.demo.server import LoopbackServer
 
 FAST = dict(timeout=0.5, retries=2, backoff=0.01, max_retry_after=2.0)
 

@@ -17,8 +17,8 @@ from PIL import Image
 
 from facedata.attributes.base import ATTRIBUTES, FaceInput
 from facedata.attributes.expression import FerExpression, fer_crop
-from facedata.config import config_from_dict
-from facedata.face_models import load_analyzer
+from facedata.core.config import config_from_dict
+from facedata.faces.models import load_analyzer
 
 CURATED = package_dir("openpeople") / "data" / "curated"
 # (row, column) of the sheet's cell -> its FER class.

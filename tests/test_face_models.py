@@ -17,15 +17,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facedata.config import FaceConfig, FaceFilterConfig
-from facedata.face_models import (
+from facedata.core.config import FaceConfig, FaceFilterConfig
+from facedata.faces.models import (
     CROP_SIZE,
     ModelNotFoundError,
     _package_file,
     load_analyzer,
     primary_index,
 )
-from facedata.packages import package_dir
+from facedata.core.packages import package_dir
 
 BACKENDS = ["insightface", "yunet_sface"]
 PEOPLE = [f"P{i:03d}" for i in range(1, 11)]

@@ -18,15 +18,15 @@ import pytest
 from conftest import facedata_cmd, openpeople_photos, package_dir
 from PIL import ExifTags, Image
 
-from facedata import records
-from facedata.config import config_from_dict
-from facedata.face_models import load_analyzer
-from facedata.face_stage import FACE_COLUMNS, analyze_encoded, stage_analyzer
-from facedata.reader import plan_shards
-from facedata.shards import is_done
-from facedata.summary import format_summary, write_run_report
+from facedata.core import records
+from facedata.core.config import config_from_dict
+from facedata.faces.models import load_analyzer
+from facedata.faces.step import FACE_COLUMNS, analyze_encoded, stage_analyzer
+from facedata.ingest.reader import plan_shards
+from facedata.core.shards import is_done
+from facedata.report.summary import format_summary, write_run_report
 from facedata.pipeline import run_shard
-from facedata.run_layout import RunLayout
+from facedata.core.run_layout import RunLayout
 
 SKIMAGE = package_dir("skimage") / "data"
 GROUP = package_dir("insightface") / "data" / "images" / "t1.jpg"  # 1280 x 886, a row of people

@@ -35,8 +35,8 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from facedata import records
-from facedata.run_artifacts import artifact_key
+from facedata.core import records
+from facedata.report.prefect_artifacts import artifact_key
 from tests.conftest import REPO, PrefectServer, facedata_cmd
 from tests.test_flow import check_run_consistent, write_config, write_corpus
 from tests.test_run_artifacts import READ_RUN_ARTIFACTS, check_funnel
@@ -280,7 +280,7 @@ def test_ctrl_c_stops_at_once_with_one_line(corpus, reference, env, tmp_path):
 USER_STEP = """
 from pydantic import BaseModel
 
-from facedata.step import Filter
+from facedata.core.step import Filter
 
 
 class CaptionWords(Filter):
@@ -466,7 +466,7 @@ def test_output_file_size_limit(corpus, reference, env, prefect_server, tmp_path
 _GATHER = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from facedata.identity_stage import gather_faces
+    from facedata.identity.step import gather_faces
     gather_faces(Path(sys.argv[1]), list(range(int(sys.argv[2]))), Path(sys.argv[3]))
 """)
 

@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO, openpeople_photos
-from facedata.config import config_from_dict
-from facedata.fingerprints import Fingerprint, StaleRunError, check_current, step_fingerprints
-from facedata.run_layout import RunLayout
+from facedata.core.config import config_from_dict
+from facedata.core.fingerprints import Fingerprint, StaleRunError, check_current, step_fingerprints
+from facedata.core.run_layout import RunLayout
 
 STEPS = ("download", "faces", "identity", "captions")
 # Model infos as the loaders report them: the fingerprints take them as data.
@@ -114,7 +114,7 @@ def test_unchanged_rerun_redoes_nothing(base_run, tmp_path, caplog):
 
 
 def test_caption_settings_redo_captions_only_and_the_card_states_them(base_run, tmp_path, caplog):
-    from facedata.publish import publish
+    from facedata.publish.writer import publish
 
     caplog.set_level("INFO", logger="facedata")
     run, redone, _ = _rerun(base_run, tmp_path, attributes={"include": ["gender"], "thresholds": {"gender": 0.99}})
@@ -162,9 +162,9 @@ def test_image_settings_redo_everything(base_run, tmp_path):
 def test_a_run_stopped_after_a_settings_change_cannot_be_published(base_run, tmp_path):
     """The new config is recorded before any step redoes its outputs: until they are redone, the run
     reads as stale, and publishing it (whose card would state the new settings) is refused."""
-    from facedata.fingerprints import model_infos
+    from facedata.core.fingerprints import model_infos
     from facedata.pipeline import begin_run
-    from facedata.publish import publish
+    from facedata.publish.writer import publish
 
     data, run = base_run
     copy = tmp_path / "run"
@@ -210,7 +210,7 @@ def test_python_api_opens_a_run(base_run):
 USER_STEP = '''
 from pydantic import BaseModel
 
-from facedata.step import Filter
+from facedata.core.step import Filter
 
 
 class CaptionWords(Filter):
@@ -228,7 +228,7 @@ class CaptionWords(Filter):
 def test_a_user_step_appended_runs_alone_and_ends_the_run(base_run, tmp_path):
     """A user's filter after the caption step: only it runs (the steps before keep their
     fingerprints), its drops reach the final records, the funnel and the dataset card."""
-    from facedata.publish import publish
+    from facedata.publish.writer import publish
 
     (tmp_path / "my_steps.py").write_text(USER_STEP)
     step = {"step": f"{tmp_path / 'my_steps.py'}:CaptionWords", "options": {"words": ["selfie"]}}
@@ -265,11 +265,11 @@ def test_a_user_step_appended_runs_alone_and_ends_the_run(base_run, tmp_path):
     (["download", "faces", "captions"], "expected the built-in steps download, faces, identity, captions once each"),
     (["faces", "download", "identity", "captions"], "expected the built-in steps"),
     (["download", "faces", "identity", "captions", "nowhere_module:Step"], "cannot import nowhere_module"),
-    (["download", "faces", "identity", "captions", "facedata.step:Filter"], "has no `name`"),
-    (["download", "faces", "identity", "captions", "facedata.config:Config"], "is not a facedata.step.ShardStep"),
+    (["download", "faces", "identity", "captions", "facedata.core.step:Filter"], "has no `name`"),
+    (["download", "faces", "identity", "captions", "facedata.core.config:Config"], "is not a facedata.core.step.ShardStep"),
 ])
 def test_bad_steps_are_one_line_config_errors(steps, message):
-    from facedata.config import ConfigError
+    from facedata.core.config import ConfigError
 
     with pytest.raises(ConfigError, match=message) as err:
         config_from_dict({"input": {"path": "x.parquet"}, "steps": steps})
@@ -277,7 +277,7 @@ def test_bad_steps_are_one_line_config_errors(steps, message):
 
 
 def test_bad_user_step_options_are_one_line(tmp_path):
-    from facedata.config import ConfigError
+    from facedata.core.config import ConfigError
 
     (tmp_path / "my_steps.py").write_text(USER_STEP)
     step = {"step": f"{tmp_path / 'my_steps.py'}:CaptionWords", "options": {"words": "x", "other": 1}}

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from facedata.attributes.vocabulary import ATTRIBUTES
-from facedata.errors import UserError
+from facedata.core.errors import UserError
 from facedata.flip.evaluate import (
     PROMPTS,
     attribute_labels,

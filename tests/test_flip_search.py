@@ -14,10 +14,10 @@ import pytest
 import torch
 import yaml
 
-from facedata.errors import UserError
+from facedata.core.errors import UserError
 from facedata.flip.config import train_config_from_dict
 from facedata.pipeline import run_shard
-from facedata.run_layout import RunLayout
+from facedata.core.run_layout import RunLayout
 from tests.conftest import REPO
 
 SMALL_MODEL = {
@@ -335,8 +335,8 @@ def test_relevance_filter_in_the_caption_stage(trained, demo_run, tmp_path):
     with the FLIP model and drops those under relevance.min_score (status low_relevance)."""
     import pyarrow.parquet as pq
 
-    from facedata import records
-    from facedata.config import load_config
+    from facedata.core import records
+    from facedata.core.config import load_config
 
     def caption_run(min_score: float) -> list[dict]:
         run = tmp_path / f"run_{min_score}"

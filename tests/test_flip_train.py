@@ -17,10 +17,10 @@ import torch
 import yaml
 from PIL import Image
 
-from facedata.config import ConfigError, FaceConfig
-from facedata.errors import UserError
+from facedata.core.config import ConfigError, FaceConfig
+from facedata.core.errors import UserError
 from facedata.flip.config import load_train_config, train_config_from_dict
-from facedata.packages import package_dir
+from facedata.core.packages import package_dir
 from tests.conftest import REPO, facedata_cmd
 
 SHOTS = {"studio_portrait": "a studio portrait", "amateur_selfie": "an amateur selfie",
@@ -49,7 +49,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def build_dataset(dest: Path) -> dict:
     """DEST/webdataset/{train-00000,train-00001,validation-00000}.tar: 32 + 8 samples."""
-    from facedata.face_models import load_analyzer
+    from facedata.faces.models import load_analyzer
 
     analyzer = load_analyzer(FaceConfig(), threads=1)
     samples: dict[str, list] = {"train": [], "validation": []}
@@ -212,7 +212,7 @@ def test_corrupt_image_member_is_one_line_error(dataset, tmp_path):
 def test_crops_mode_yields_face_crops(dataset):
     """use_crops cuts the primary face's box grown 1.5x (square) out of the image, also from a
     reduced-scale JPEG decode, and the face detector finds that face filling the crop's middle."""
-    from facedata.face_models import load_analyzer
+    from facedata.faces.models import load_analyzer
     from facedata.flip.data import FaceTextDataset, index_split
 
     index = index_split(dataset, "train")

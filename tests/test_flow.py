@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from facedata import records
-from facedata.shards import read_records
+from facedata.core import records
+from facedata.core.shards import read_records
 from tests.conftest import REPO, facedata_cmd
 
 pytestmark = pytest.mark.slow
@@ -153,7 +153,7 @@ def test_grown_input_runs_only_its_new_shards_and_matches_a_fresh_run(tmp_path, 
     its own earlier one, and ends where one run over the whole input ends."""
     from PIL import Image
 
-    from facedata.webserver import LoopbackServer
+    from facedata.demo.server import LoopbackServer
 
     site = tmp_path / "site"
     site.mkdir()
@@ -231,8 +231,8 @@ def test_missing_input_gives_one_line_error(tmp_path, cli_env):
 
 
 def test_missing_input_is_found_before_models_load_or_prefect_starts(tmp_path, monkeypatch):
-    from facedata.config import config_from_dict
-    from facedata.reader import InputError
+    from facedata.core.config import config_from_dict
+    from facedata.ingest.reader import InputError
     from flows import curate
 
     def too_late(*args):
@@ -251,8 +251,8 @@ def test_missing_input_is_found_before_models_load_or_prefect_starts(tmp_path, m
 def test_models_checked_in_a_short_lived_process(tmp_path, monkeypatch, kind):
     """Where the tasks run in worker processes, the models are checked in a child process, so the
     flow process does not hold them for the whole run; a bad model is still one line up front."""
-    from facedata import face_models
-    from facedata.config import RunnerConfig, config_from_dict
+    from facedata.faces import models as face_models
+    from facedata.core.config import RunnerConfig, config_from_dict
     from flows.curate import run_curation
 
     def load_here(*args):

@@ -1,4 +1,4 @@
-"""facedata.hub: destinations, the upload plan (Hub limits, commits) and the upload against a fake Hub client.
+"""facedata.publish.hub: destinations, the upload plan (Hub limits, commits) and the upload against a fake Hub client.
 
 The Hub is not reachable from the test machine: everything up to the client call is real (the plan, the token
 lookup, huggingface_hub's own error types); the client itself is `FakeHubApi`, which records calls and raises
@@ -17,9 +17,9 @@ import pytest
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
-from facedata import hub
-from facedata.errors import UserError
-from facedata.hub import LOCAL_ONLY_PATTERNS, Destination, parse_destination, upload_plan, upload_to_hub
+from facedata.publish import hub
+from facedata.core.errors import UserError
+from facedata.publish.hub import LOCAL_ONLY_PATTERNS, Destination, parse_destination, upload_plan, upload_to_hub
 
 TOKEN = "hf_TestTokenDoNotLeak0123456789abcdef"
 

@@ -13,12 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from facedata import records
-from facedata.config import config_from_dict
-from facedata.errors import UserError
+from facedata.core import records
+from facedata.core.config import config_from_dict
+from facedata.core.errors import UserError
 from facedata.pipeline import run_global
-from facedata.run_layout import RunLayout
-from facedata.shards import read_records
+from facedata.core.run_layout import RunLayout
+from facedata.core.shards import read_records
 from tests.conftest import copy_faced_run, download_and_find_faces, package_dir
 
 SHOTS = ("studio_portrait", "amateur_selfie", "amateur_posture", "studio_posture")
@@ -189,7 +189,7 @@ def test_no_faces_at_all(base_run, tmp_path):
 def test_gallery_shows_the_flagged_outliers_and_no_placeholder_tiles(base_run, tmp_path, monkeypatch):
     """gallery.png: a row per identity, then the images flagged identity_outlier (here a strict
     outlier_threshold flags some), each with its identity; a short row ends in plain background."""
-    from facedata import identity_stage
+    from facedata.identity import step as identity_stage
 
     run = fresh_copy(base_run, tmp_path)
     drawn: list = []

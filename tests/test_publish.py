@@ -18,12 +18,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from facedata.errors import UserError
-from facedata.imaging import decode_rgb
-from facedata.publish import NotAPublishError, crop_box, publish_run, strip_userinfo
+from facedata.core.errors import UserError
+from facedata.download.imaging import decode_rgb
+from facedata.publish.writer import NotAPublishError, crop_box, publish_run, strip_userinfo
 from tests.conftest import facedata_cmd
 
-publish = importlib.import_module("facedata.publish")  # the module, whatever `facedata.publish` names
+publish = importlib.import_module("facedata.publish.writer")  # the module, whatever `facedata.publish.writer` names
 
 pytestmark = pytest.mark.slow
 
@@ -51,9 +51,9 @@ def fast_card(dest: Path, **kwargs) -> Path:
 @pytest.fixture
 def quick_card(monkeypatch):
     """The dataset card replaced by a one-line README (its plots take a few seconds)."""
-    import facedata.card
+    import facedata.publish.card
 
-    monkeypatch.setattr(facedata.card, "write_dataset_card", fast_card)
+    monkeypatch.setattr(facedata.publish.card, "write_dataset_card", fast_card)
 
 
 def tree_state(root: Path) -> dict[str, tuple[int, int]]:
@@ -78,10 +78,10 @@ def fs_state(root: Path) -> dict[str, tuple | None]:
 @pytest.fixture(scope="module")
 def published(demo_run, tmp_path_factory):
     """The demo run published once with embeddings, the real dataset card's inputs recorded."""
-    import facedata.card
+    import facedata.publish.card
 
     calls = []
-    real = facedata.card.write_dataset_card
+    real = facedata.publish.card.write_dataset_card
 
     def spy(dest, **kwargs):
         calls.append(kwargs)
@@ -89,7 +89,7 @@ def published(demo_run, tmp_path_factory):
 
     dest = tmp_path_factory.mktemp("published") / "demo-faces"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(facedata.card, "write_dataset_card", spy)
+        mp.setattr(facedata.publish.card, "write_dataset_card", spy)
         manifest = publish_run(demo_run, dest, samples_per_shard=PER_SHARD, embeddings=True, progress=False)
     assert manifest["status"] == "written" and len(calls) == 1
     return dest, manifest, calls[0]
@@ -252,13 +252,13 @@ def test_other_content_is_refused_unless_overwrite(published, demo_run, tmp_path
 
     # A publish that dies before its end (here in the card) leaves DEST as it was and no temp folder;
     # a temp folder left by a killed publish is removed by the next one.
-    import facedata.card
+    import facedata.publish.card
 
     def broken_card(dest, **kwargs):
         raise RuntimeError("killed")
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(facedata.card, "write_dataset_card", broken_card)
+        mp.setattr(facedata.publish.card, "write_dataset_card", broken_card)
         with pytest.raises(RuntimeError, match="killed"):
             publish_run(demo_run, dest, samples_per_shard=16, progress=False, overwrite=True)
     assert tree_state(dest) == before

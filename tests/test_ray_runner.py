@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from facedata.config import RunnerConfig, config_from_dict
+from facedata.core.config import RunnerConfig, config_from_dict
 from tests.conftest import REPO
 from tests.test_dask_runner import (
     _log_load,
@@ -60,7 +60,7 @@ def test_runner_settings(prefect_settings):
 
 
 def test_config_rejects_bad_ray_address():
-    from facedata.config import ConfigError
+    from facedata.core.config import ConfigError
 
     base = {"input": {"path": "x.parquet"}}
     with pytest.raises(ConfigError, match="runner.ray_address"):
@@ -94,7 +94,7 @@ def test_missing_ray_is_one_line_error(tmp_path, cli_env):
 def test_unreachable_address_fails_at_once(prefect_settings):
     # What the flow engine does first with the runner; a UserError from there reaches the CLI as
     # its one-line error. (ray.init itself would retry the address for minutes.)
-    from facedata.errors import UserError
+    from facedata.core.errors import UserError
     from flows.curate import task_runner
 
     address = f"127.0.0.1:{_closed_port()}"

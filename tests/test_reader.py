@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import package_dir
 
-from facedata import records
-from facedata.config import InputConfig
-from facedata.reader import SAMPLE_COLUMNS, InputError, iter_samples, load_plan, plan_shards
+from facedata.core import records
+from facedata.core.config import InputConfig
+from facedata.ingest.reader import SAMPLE_COLUMNS, InputError, iter_samples, load_plan, plan_shards
 
 SKIMAGE_DATA = package_dir("skimage") / "data"
 

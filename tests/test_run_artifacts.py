@@ -24,13 +24,13 @@ from tests.conftest import REPO
 # names the run directory argv[1]: that run's artifacts and its log lines, as JSON.
 READ_RUN_ARTIFACTS = """
 import json, sys
-from facedata.prefect_env import configure_prefect
+from facedata.core.prefect_env import configure_prefect
 configure_prefect()
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey,
                                             LogFilter, LogFilterFlowRunId)
 from prefect.client.schemas.sorting import LogSort
-from facedata.run_artifacts import artifact_key
+from facedata.report.prefect_artifacts import artifact_key
 
 run_dir = sys.argv[1]
 client = get_client(sync_client=True)
@@ -57,7 +57,7 @@ def _download(n: int, ok: int, seconds: float, finished_at: float) -> dict:
 
 
 def test_progress_counts_rates_and_resumed_shards(tmp_path, caplog):
-    from facedata.run_artifacts import RunProgress
+    from facedata.report.prefect_artifacts import RunProgress
 
     now = [1000.0]
     tracker = RunProgress(tmp_path / "run", clock=lambda: now[0])
@@ -99,8 +99,8 @@ def test_failed_shard_tasks_in_a_flow_run(tmp_path):
     from prefect.context import FlowRunContext
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    from facedata.reader import ShardPlan
-    from facedata.run_artifacts import RunProgress, artifact_key
+    from facedata.ingest.reader import ShardPlan
+    from facedata.report.prefect_artifacts import RunProgress, artifact_key
 
     @task
     def download(plan: ShardPlan) -> dict:
@@ -146,7 +146,7 @@ def test_failed_shard_tasks_in_a_flow_run(tmp_path):
 def test_artifact_keys_are_valid_prefect_keys(tmp_path):
     from prefect.client.schemas.actions import ArtifactCreate
 
-    from facedata.run_artifacts import artifact_key
+    from facedata.report.prefect_artifacts import artifact_key
 
     for name in ("run", "Run_2024-05-01.v2", "démo run", "---", "x" * 300):
         key = artifact_key(tmp_path / name, "captions-progress")
@@ -176,7 +176,7 @@ def check_funnel(markdown: str, summary: dict) -> None:
 def check_images(markdown: str, summary: dict) -> None:
     """The contact sheet, the captions sheet and the identity gallery, each a JPEG data URI that
     decodes to an image of the PNG's aspect, with the PNG's path beside it."""
-    from facedata.run_artifacts import MAX_IMAGE_URI_CHARS
+    from facedata.report.prefect_artifacts import MAX_IMAGE_URI_CHARS
 
     images = re.findall(r"Full size: `([^`]+)`\n\n!\[[^\]]*\]\((data:image/jpeg;base64,([A-Za-z0-9+/=]+))\)", markdown)
     assert [Path(path) for path, _, _ in images] == [
@@ -191,8 +191,8 @@ def check_images(markdown: str, summary: dict) -> None:
 
 
 def test_report_markdown_holds_the_run(demo_run):
-    from facedata.run_artifacts import publish_run_artifacts, report_markdown
-    from facedata.summary import format_summary
+    from facedata.report.prefect_artifacts import publish_run_artifacts, report_markdown
+    from facedata.report.summary import format_summary
 
     summary = json.loads((demo_run / "summary.json").read_text())
     markdown = report_markdown(summary, demo_run)
@@ -221,8 +221,8 @@ def test_report_markdown_holds_the_run(demo_run):
 
 def test_flow_run_artifacts_in_prefect_api(demo_run, cli_env):
     """The demo's flow run, read back from the Prefect API it ran against."""
-    from facedata.run_artifacts import artifact_key
-    from facedata.summary import funnel_rows
+    from facedata.report.prefect_artifacts import artifact_key
+    from facedata.report.summary import funnel_rows
 
     proc = subprocess.run([sys.executable, "-c", READ_RUN_ARTIFACTS, str(demo_run.resolve())], env=cli_env,
                           capture_output=True, text=True, timeout=120, cwd=REPO)

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from facedata import records
+from facedata.core import records
 from tests.conftest import facedata_cmd
 from tests.test_flow import check_run_consistent, write_config, write_corpus
 

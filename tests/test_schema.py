@@ -1,11 +1,11 @@
-"""One schema source: the statuses and columns declared in facedata/schema.py are the ones the README,
+"""One schema source: the statuses and columns declared in facedata/core/schema.py are the ones the README,
 the dataset card and the published features use."""
 
 from __future__ import annotations
 
 from conftest import REPO
-from facedata import records
-from facedata.schema import COLUMNS, STEPS, Status, field_descriptions, reasons, status_list
+from facedata.core import records
+from facedata.core.schema import COLUMNS, STEPS, Status, field_descriptions, reasons, status_list
 
 
 def test_every_status_has_a_step_a_meaning_and_a_constant():
@@ -21,8 +21,8 @@ def test_readme_lists_every_status_by_step():
 
 
 def test_card_explains_every_drop_reason_and_published_field():
-    from facedata import card
-    from facedata.publish import publish_features
+    from facedata.publish import card
+    from facedata.publish.writer import publish_features
 
     assert card.REASONS == reasons() and set(card.REASONS) == {s.value for s in Status} - {"ok"}
     assert set(publish_features()) <= set(field_descriptions()) == set(card.FIELDS)

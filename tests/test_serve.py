@@ -11,9 +11,9 @@ import httpx
 import pytest
 import yaml
 
-from facedata.config import load_config
-from facedata.errors import UserError
-from facedata.reader import InputError, plan_shards
+from facedata.core.config import load_config
+from facedata.core.errors import UserError
+from facedata.ingest.reader import InputError, plan_shards
 from tests.conftest import REPO, PrefectServer, facedata_cmd, stop_process_group, wait_for
 from tests.test_flow import check_run_consistent, file_mtimes, write_config, write_corpus
 

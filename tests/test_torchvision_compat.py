@@ -12,7 +12,7 @@ from tests.conftest import REPO
 SCRIPT = textwrap.dedent("""
     import sys
     import torch
-    from facedata.torchvision_compat import _compiled_ops_load, ensure_torchvision
+    from facedata.core.torchvision_compat import _compiled_ops_load, ensure_torchvision
 
     assert "torchvision" not in sys.modules
     print("compiled ops load:", _compiled_ops_load())

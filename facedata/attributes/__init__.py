@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING
 
-from facedata.config import AttributeConfig, FaceConfig
+from facedata.core.config import AttributeConfig, FaceConfig
 
 if TYPE_CHECKING:  # the models' runtimes load with the predictors, not with the vocabulary
     from facedata.attributes.base import AttributePredictor

@@ -22,7 +22,7 @@ import onnx
 import onnxruntime as ort
 
 from facedata.attributes.base import FaceInput, ModelInfo, Prediction
-from facedata.face_models import (
+from facedata.faces.models import (
     _INSIGHTFACE_LICENCE,
     ModelNotFoundError,
     _package_file,

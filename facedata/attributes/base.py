@@ -18,7 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from facedata.attributes.vocabulary import ATTRIBUTES, AttributeSpec
-from facedata.face_models import ModelInfo
+from facedata.faces.models import ModelInfo
 
 __all__ = ["ATTRIBUTES", "AttributeSpec", "AttributePredictor", "FaceInput", "ModelInfo", "Prediction"]
 

@@ -41,7 +41,7 @@ from facedata.attributes.thresholds import (  # noqa: F401 - the shipped table's
     CALIBRATION_FILE, default_thresholds, load_calibration, withheld_values,
 )
 from facedata.attributes.vocabulary import ATTRIBUTES
-from facedata.packages import package_dir
+from facedata.core.packages import package_dir
 
 TARGET_PRECISION = 0.9
 MIN_STATEMENTS = 10  # fewer statements than this say too little about an attribute's precision
@@ -97,8 +97,8 @@ def read_image(path: Path, max_side: int = MAX_SIDE) -> np.ndarray:
 
 
 def _detector():
-    from facedata.config import config_from_dict
-    from facedata.face_models import load_models
+    from facedata.core.config import config_from_dict
+    from facedata.faces.models import load_models
 
     faces = config_from_dict({"input": {"path": "unused", "format": "folder"}}).faces
     return load_models(faces.backend, faces.model_dir, faces.det_size, 1)[0], faces.filter.min_score

@@ -23,7 +23,7 @@ import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
 from facedata.attributes.base import FaceInput, ModelInfo, Prediction
-from facedata.face_models import ModelNotFoundError, _package_file
+from facedata.faces.models import ModelNotFoundError, _package_file
 
 __all__ = ["FerExpression", "fer_crop"]
 

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 from facedata.attributes.base import FaceInput, ModelInfo, Prediction
-from facedata.face_models import align_face, estimate_pose, sharpness
+from facedata.faces.models import align_face, estimate_pose, sharpness
 
 # Degrees. estimate_pose is good to ~10 degrees for moderate poses, hence the wide margins.
 FRONTAL_MAX_YAW = 20.0

@@ -37,11 +37,11 @@ import numpy as np
 import onnxruntime as ort
 
 from facedata.attributes.base import FaceInput, ModelInfo, Prediction
-from facedata.face_models import (
+from facedata.faces.models import (
     ARCFACE_TEMPLATE, ModelNotFoundError, _package_file, load_models, similarity_transform,
 )  # fmt: skip
-from facedata.packages import cache_dir, package_dir
-from facedata.shards import atomic_write_bytes
+from facedata.core.packages import cache_dir, package_dir
+from facedata.core.shards import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from facedata.attributes.vocabulary import ATTRIBUTES
-from facedata.config import AttributeConfig
+from facedata.core.config import AttributeConfig
 
 CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
 # A threshold no confidence reaches: that attribute value is never stated.

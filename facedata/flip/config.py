@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from facedata.config import _apply_override, _first_error, read_yaml_mapping
+from facedata.core.config import _apply_override, _first_error, read_yaml_mapping
 
 
 class _Section(BaseModel):

@@ -39,8 +39,8 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image
 
-from facedata.errors import UserError
-from facedata.imaging import ImageError, decode_rgb
+from facedata.core.errors import UserError
+from facedata.download.imaging import ImageError, decode_rgb
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # webdataset's key/extension split: the key is the path up to the first dot of the file name.
@@ -162,7 +162,7 @@ def index_split(data_dir: str | Path, split: str, cache_dir: str | Path | None =
     if len(index) == 0:
         raise UserError(f"data.split: {tars[0].parent}: the {split} tars hold no samples")
     if cache is not None:
-        from facedata.shards import atomic_path
+        from facedata.core.shards import atomic_path
 
         with atomic_path(cache) as tmp:
             with open(tmp, "wb") as f:

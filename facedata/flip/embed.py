@@ -22,13 +22,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from facedata.errors import UserError
+from facedata.core.errors import UserError
 from facedata.flip.model import (  # makes torchvision importable
     FlipModel,
     build_flip_model,
 )
-from facedata.imaging import ImageError, decode_rgb
-from facedata.shards import file_sha256
+from facedata.download.imaging import ImageError, decode_rgb
+from facedata.core.shards import file_sha256
 
 __all__ = ["FlipCheckpoint", "SplitEmbeddings", "embed_images", "embed_split", "embed_tensors", "embed_texts",
            "face_region", "file_sha256", "load_checkpoint", "read_image_bytes", "resolve_checkpoint",
@@ -272,7 +272,7 @@ def embed_split(flip: FlipCheckpoint | FlipModel, data_dir: str | Path, split: s
     training read them (its data.use_crops and crop_scale; a FlipModel: whole images) unless
     `use_crops`/`crop_scale` say otherwise. `meta_fields`: KEY.json fields to return per sample.
     A missing split or an unreadable sample raises a one-line UserError."""
-    from facedata.progress import progress_bar
+    from facedata.core.progress import progress_bar
 
     from facedata.flip.data import (
         FaceTextDataset,

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from facedata.attributes.vocabulary import ATTRIBUTES
-from facedata.errors import UserError
+from facedata.core.errors import UserError
 
 if TYPE_CHECKING:  # torch is imported where used: the command line's parser stays light
     import torch
@@ -298,7 +298,7 @@ _LOOKS = ("a face of a person who looks {}.", "a photo of a person looking {}.",
           "a photo of a {} person.")
 _SHOT = ("a {} photo of a person.", "a {} close-up of a face.", "a {} portrait.", "a {} picture of someone.")
 
-# Phrasings follow the words facedata captions use (facedata.captions), so a model trained on them
+# Phrasings follow the words facedata captions use (facedata.captions.compose), so a model trained on them
 # has seen them; several per class, averaged as CLIP's prompt ensembles are.
 PROMPTS: dict[str, PromptSet] = {
     "gender": PromptSet(_PERSON[:4], {
@@ -487,7 +487,7 @@ def _extract(models: dict[str, torch.nn.Module], loaded: _Loaded, dataset_dir: P
              attributes: Sequence[str], min_confidence: float, batch_size: int, device: torch.device,
              workers: int, limit: int | None, seed: int, progress: bool) -> _SplitData:
     import torch
-    from facedata.progress import progress_bar
+    from facedata.core.progress import progress_bar
 
     from facedata.flip.data import FaceTextDataset, LoadFailure, _worker_init, collate, index_split
 
@@ -818,7 +818,7 @@ def _default_out(checkpoint: Path, split: str) -> Path:
 
 
 def run_eval_command(args) -> int:
-    from facedata.shards import write_json
+    from facedata.core.shards import write_json
 
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
                              ("--min-samples", args.min_samples, 0),

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from facedata.errors import UserError
+from facedata.core.errors import UserError
 from facedata.flip.config import AugmentSection, ModelSection
-from facedata.torchvision_compat import ensure_torchvision
+from facedata.core.torchvision_compat import ensure_torchvision
 
 ensure_torchvision()  # before open_clip imports torchvision
 

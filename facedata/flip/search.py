@@ -63,7 +63,7 @@ from typing import Any
 
 import numpy as np
 
-from facedata.errors import UserError
+from facedata.core.errors import UserError
 
 log = logging.getLogger("facedata.flip")
 
@@ -193,7 +193,7 @@ def load_or_build_index(ckpt, data_dir: str | Path, splits: Sequence[str] | None
     import pyarrow.parquet as pq
 
     from facedata.flip.embed import embed_split
-    from facedata.shards import atomic_path, write_json
+    from facedata.core.shards import atomic_path, write_json
 
     data_dir = Path(data_dir)
     available = dataset_splits(data_dir)
@@ -301,8 +301,8 @@ def run_search(query: str, dataset: str | Path, checkpoint: str | Path, *, k: in
                progress: bool = False) -> dict[str, Any]:
     """The whole `facedata search`: index (cached), top-k, results.json and contact_sheet.png.
     Returns the result object (also written as results.json)."""
-    from facedata.contact_sheet import make_contact_sheet
-    from facedata.shards import write_json
+    from facedata.report.contact_sheet import make_contact_sheet
+    from facedata.core.shards import write_json
 
     query = (query or "").strip()
     if not query:

@@ -44,10 +44,10 @@ import numpy as np
 import torch
 import yaml
 
-from facedata.errors import UserError
+from facedata.core.errors import UserError
 from facedata.flip.config import TrainConfig
 from facedata.flip.data import FaceTextDataset, StepBatches, index_split, split_tars, step_loader
-from facedata.shards import atomic_path, atomic_write_bytes
+from facedata.core.shards import atomic_path, atomic_write_bytes
 
 log = logging.getLogger("facedata.flip")
 
@@ -308,7 +308,7 @@ def train(cfg: TrainConfig, progress: bool = True,
 
     `on_step(step, row)` is called after each step's metrics row is written and before that
     step's checkpoint (an exception there stops the run like a kill would)."""
-    from facedata.progress import progress_bar
+    from facedata.core.progress import progress_bar
 
     from facedata.flip.model import build_flip_model  # first: it makes torchvision importable
     from open_clip import ClipLoss
@@ -476,7 +476,7 @@ def train(cfg: TrainConfig, progress: bool = True,
 
 def write_report(metrics: dict[str, Any], output_dir: str | Path) -> Path:
     """The run's metrics as `train_report.json` in its output folder."""
-    from facedata.shards import write_json
+    from facedata.core.shards import write_json
 
     path = Path(output_dir) / "train_report.json"
     write_json(path, metrics)

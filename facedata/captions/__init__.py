@@ -1,0 +1,1 @@
+"""The caption step: attribute predictions composed into face captions."""

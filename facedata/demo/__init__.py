@@ -1,0 +1,1 @@
+"""The embedded demo: its corpus served over loopback HTTP, run end to end."""

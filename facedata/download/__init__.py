@@ -1,0 +1,1 @@
+"""The download step: fetch, decode and filter each planned sample's image."""

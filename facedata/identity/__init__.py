@@ -1,0 +1,1 @@
+"""The identity step (run-wide): k-NN graph, clusters, cleaning, opt-out and splits."""

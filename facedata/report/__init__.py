@@ -1,0 +1,1 @@
+"""What a run reports: the funnel summary, contact sheets and the Prefect artifacts."""
