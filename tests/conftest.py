@@ -201,3 +201,10 @@ class PrefectServer:
             time.sleep(0.5 * 2**attempt)
         assert r.is_success, f"{method} {path}: {r.status_code} {r.text[:500]}"
         return r.json()
+
+
+def read_records(step_dir: Path) -> pa.Table:
+    """Every finished shard's records in a step's folder, in shard order."""
+    tables = [pq.read_table(stats.with_name(stats.name.split(".")[0] + ".parquet"))
+              for stats in sorted(Path(step_dir).glob("*.stats.json"))]
+    return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})

@@ -12,8 +12,8 @@ from facedata.core import records
 from facedata.core.config import config_from_dict
 from facedata.download.step import RECORD_FIELDS
 from facedata.ingest.reader import plan_shards
-from facedata.core.shards import read_records, stats_path
 from facedata.pipeline import run_shard
+from tests.conftest import read_records
 
 
 def make_config(path, **sections):
@@ -56,12 +56,12 @@ def test_done_shard_is_skipped_and_unfinished_one_redone(tmp_path, web, web_root
     (plan,) = plan_shards(cfg.input, 10, tmp_path / "plan")
     shard_dir = tmp_path / "shards"
     first = run_shard("download", plan, cfg, tmp_path, progress=False)
-    done_mtime = stats_path(shard_dir, 0).stat().st_mtime_ns
+    done_mtime = (shard_dir / "00000.stats.json").stat().st_mtime_ns
     assert run_shard("download", plan, cfg, tmp_path, progress=False) == first
-    assert stats_path(shard_dir, 0).stat().st_mtime_ns == done_mtime
+    assert (shard_dir / "00000.stats.json").stat().st_mtime_ns == done_mtime
 
     # A killed attempt: no stats file, a half-written temp tar beside a stale parquet.
-    stats_path(shard_dir, 0).unlink()
+    (shard_dir / "00000.stats.json").unlink()
     (shard_dir / ".00000.tar.abc123.tmp").write_bytes(b"partial")
     shutil.copy(shard_dir / "00000.parquet", shard_dir / "stale-copy")
     second = run_shard("download", plan, cfg, tmp_path, progress=False)

@@ -16,8 +16,7 @@ import pytest
 import yaml
 
 from facedata.core import records
-from facedata.core.shards import read_records
-from tests.conftest import REPO, facedata_cmd
+from tests.conftest import REPO, facedata_cmd, read_records
 
 pytestmark = pytest.mark.slow
 

@@ -18,8 +18,7 @@ from facedata.core.config import config_from_dict
 from facedata.core.errors import UserError
 from facedata.pipeline import run_global
 from facedata.core.run_layout import RunLayout
-from facedata.core.shards import read_records
-from tests.conftest import copy_faced_run, download_and_find_faces, package_dir
+from tests.conftest import copy_faced_run, download_and_find_faces, package_dir, read_records
 
 SHOTS = ("studio_portrait", "amateur_selfie", "amateur_posture", "studio_posture")
 PEOPLE = [f"P{i:03d}" for i in range(1, 11)]

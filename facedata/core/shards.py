@@ -25,19 +25,9 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from facedata.core import records
 from facedata.core.run_layout import shard_name  # noqa: F401 - the one spelling of a shard's name, re-exported
-
-
-def stats_path(shard_dir: Path, shard_id: int) -> Path:
-    return shard_dir / f"{shard_name(shard_id)}.stats.json"
-
-
-def is_done(shard_dir: Path, shard_id: int) -> bool:
-    return stats_path(shard_dir, shard_id).exists()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -193,16 +183,3 @@ def file_sha256(path: str | Path) -> str:
                 h.update(block)
         _SHA256_MEMO[key] = h.hexdigest()
     return _SHA256_MEMO[key]
-
-
-def read_stats(shard_dir: Path, shard_id: int) -> dict:
-    return json.loads(stats_path(shard_dir, shard_id).read_text())
-
-
-def read_records(shard_dir: Path) -> pa.Table:
-    """All finished shards' records, in shard order."""
-    tables = []
-    for stats_file in sorted(Path(shard_dir).glob("*.stats.json")):
-        name = stats_file.name.split(".")[0]
-        tables.append(pq.read_table(Path(shard_dir) / f"{name}.parquet"))
-    return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
