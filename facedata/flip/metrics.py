@@ -20,8 +20,8 @@ import numpy as np
 if TYPE_CHECKING:  # torch is imported where used: importing the metrics stays light
     import torch
 
-__all__ = ["DEFAULT_KS", "DEFAULT_L2", "TIE_TOL", "balanced_accuracy", "linear_probe", "retrieval_recall",
-           "zero_shot_accuracy"]
+__all__ = ["DEFAULT_KS", "DEFAULT_L2", "TIE_TOL", "attribute_probe", "balanced_accuracy", "linear_probe",
+           "multi_caption_recall", "retrieval_recall", "zero_shot_accuracy"]
 
 DEFAULT_KS = (1, 5, 10)
 TIE_TOL = 1e-6  # scores this close to the match's count as ties
@@ -241,3 +241,171 @@ def linear_probe(train_x, train_y, test_x, test_y, *, l2: float | Sequence[float
     if cv_scores:
         out["cv_balanced_accuracy"] = cv_scores
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Several captions per image (CelebA caption sets, folders with many lines per image)
+
+
+def _first_hit_within(above: np.ndarray, others_tied: np.ndarray, own_tied: np.ndarray, k: int) -> np.ndarray:
+    """P(the first of `own_tied` relevant items lands within the top k) when `above` irrelevant
+    items score strictly higher and the tied block (own_tied relevant + others_tied irrelevant)
+    is ordered at random. The first relevant item sits at above + 1 + X, where X counts the
+    irrelevant items before it in the tied block: P(X >= x) = C(t, x) / C(t + m, x)."""
+    out = np.zeros(len(above))
+    for i, (a, t, m) in enumerate(zip(above, others_tied, own_tied, strict=True)):
+        x = k - a  # the hit is within k unless at least x irrelevant tied items come first
+        if x <= 0:
+            continue
+        if x > t:
+            out[i] = 1.0
+            continue
+        p_all_before = 1.0
+        for j in range(x):
+            p_all_before *= (t - j) / (t + m - j)
+        out[i] = 1.0 - p_all_before
+    return out
+
+
+def multi_caption_recall(image_emb, text_emb, text_image, ks: Sequence[int] = DEFAULT_KS, *,
+                         normalize: bool = True, tie_tol: float = TIE_TOL, chunk: int = 2048) -> dict[str, Any]:
+    """Retrieval recall@k when each image has one or more captions (the protocol of CelebA caption
+    sets, as COCO's): text->image takes every caption as a query, found when its own image ranks
+    within k among all images; image->text takes every image as a query, found when any of its
+    captions ranks within k among all captions. Ties are ordered at random (expected recall).
+
+    image_emb [N, D]; text_emb [M, D]; text_image [M]: the index of each caption's image.
+    Returns {"n_images", "n_captions", "image_to_text": {"R@k"}, "text_to_image": {"R@k"},
+    "mean": the mean of all those recalls (the papers' "mean recall")}."""
+    img = _as_array(image_emb, "image_emb", 2).astype(np.float64)
+    txt = _as_array(text_emb, "text_emb", 2).astype(np.float64)
+    owner = _as_array(text_image, "text_image", 1).astype(np.int64)
+    if len(owner) != len(txt):
+        raise ValueError(f"{len(txt)} captions but {len(owner)} caption->image indices")
+    if len(owner) and (owner.min() < 0 or owner.max() >= len(img)):
+        raise ValueError(f"text_image: indices must lie in 0..{len(img) - 1}")
+    if img.shape[1:] != txt.shape[1:] and len(img) and len(txt):
+        raise ValueError(f"image_emb {img.shape} and text_emb {txt.shape} differ in width")
+    if normalize:
+        img, txt = _l2_normalise(img), _l2_normalise(txt)
+    out: dict[str, Any] = {"n_images": len(img), "n_captions": len(txt)}
+    if len(img) == 0 or len(txt) == 0:
+        return {**out, "image_to_text": {f"R@{k}": None for k in ks}, "text_to_image": {f"R@{k}": None for k in ks},
+                "mean": None}
+    # text -> image: one relevant image per caption, exactly the single-caption case
+    above, tied = [], []
+    for start in range(0, len(txt), chunk):
+        rows = np.arange(start, min(len(txt), start + chunk))
+        a, t = _ranks(txt[rows] @ img.T, owner[rows], tie_tol)
+        above.append(a)
+        tied.append(t)
+    a_t, t_t = np.concatenate(above), np.concatenate(tied)
+    out["text_to_image"] = {f"R@{k}": _recall_at(a_t, t_t, k) for k in ks}
+    # image -> text: the best-scoring own caption decides; captions tied with it share its place
+    own = np.zeros((len(img), len(txt)), dtype=bool)
+    own[owner, np.arange(len(txt))] = True
+    hits = {k: [] for k in ks}
+    for start in range(0, len(img), chunk):
+        rows = np.arange(start, min(len(img), start + chunk))
+        scores = img[rows] @ txt.T
+        mine = own[rows]
+        best = np.where(mine, scores, -np.inf).max(axis=1, keepdims=True)
+        has_caption = np.isfinite(best[:, 0])
+        higher = scores > best + tie_tol
+        level = np.abs(scores - best) <= tie_tol
+        a = (higher & ~mine).sum(axis=1)
+        t = (level & ~mine).sum(axis=1)
+        m = (level & mine).sum(axis=1)
+        for k in ks:
+            h = _first_hit_within(a, t, np.maximum(m, 1), k)
+            hits[k].append(h[has_caption])  # an image without captions cannot be a query
+    out["image_to_text"] = {f"R@{k}": float(np.mean(np.concatenate(hits[k]))) for k in ks}
+    recalls = [*out["image_to_text"].values(), *out["text_to_image"].values()]
+    out["mean"] = float(np.mean(recalls))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Binary attributes (CelebA / LFWA's 40): one linear probe per attribute
+
+
+def _fit_binary_logistic(x: torch.Tensor, y: torch.Tensor, l2: float, max_iter: int) -> torch.Tensor:
+    """Independent binary logistic regressions, one per column of y ([N, A] in {0, 1}), fitted
+    together: mean binary cross-entropy per attribute + l2/2 |w_a|^2 (bias free). The objective is a
+    sum over attributes with nothing shared, so the joint optimum is each attribute's own.
+    Returns [D+1, A] (weights, then the bias row)."""
+    import torch
+
+    w = torch.zeros(x.shape[1] + 1, y.shape[1], dtype=x.dtype, requires_grad=True)
+    opt = torch.optim.LBFGS([w], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-7,
+                            tolerance_change=1e-10, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        logits = x @ w[:-1] + w[-1]
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(dim=0).sum()
+        loss = loss + 0.5 * l2 * (w[:-1] ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach()
+
+
+def attribute_probe(train_x, train_y, val_x, val_y, test_x, test_y, *, names: Sequence[str] | None = None,
+                    l2: float | Sequence[float] = DEFAULT_L2, max_iter: int = 300) -> dict[str, Any]:
+    """The attribute protocol of CelebA/LFWA papers (FaRL, FLIP): a linear classifier per binary
+    attribute on frozen image features, trained on the train split, its L2 penalty chosen per
+    attribute by validation accuracy (the larger penalty on a tie), and accuracy reported on the
+    test split; the headline is the label-wise mean accuracy (mean over attributes).
+
+    *_x: [N, D] features (standardised with the train split's mean and std); *_y: [N, A] labels in
+    {0, 1} (CelebA's -1 read as 0). An attribute with one class in train predicts that class
+    ("constant") and says so. Returns {"n_train", "n_val", "n_test", "mean_accuracy",
+    "mean_balanced_accuracy", "attributes": {name: {"accuracy", "balanced_accuracy", "l2",
+    "positive_rate_test", "majority_accuracy", "constant"}}}."""
+    import torch
+
+    xs = [_as_array(v, n, 2).astype(np.float64) for v, n in ((train_x, "train_x"), (val_x, "val_x"), (test_x, "test_x"))]
+    ys = [_as_array(v, n, 2).astype(np.float64) for v, n in ((train_y, "train_y"), (val_y, "val_y"), (test_y, "test_y"))]
+    for x, y, n in zip(xs, ys, ("train", "val", "test"), strict=True):
+        if len(x) != len(y):
+            raise ValueError(f"{n}: {len(x)} feature rows but {len(y)} label rows")
+        if not np.isin(y, (0.0, 1.0)).all():
+            raise ValueError(f"{n}: labels must be 0 or 1")
+    n_attr = ys[0].shape[1]
+    if ys[1].shape[1] != n_attr or ys[2].shape[1] != n_attr:
+        raise ValueError("train, validation and test labels must have the same attributes")
+    names = list(names) if names is not None else [str(i) for i in range(n_attr)]
+    if len(xs[0]) == 0 or len(xs[2]) == 0:
+        raise ValueError("the probe needs train and test samples")
+    candidates = [float(l2)] if np.isscalar(l2) else sorted(float(v) for v in l2)
+    xtr, xva, xte = _standardise(*xs)
+    ytr = torch.from_numpy(ys[0])
+    val_acc, test_pred = [], []
+    for value in candidates:
+        w = _fit_binary_logistic(xtr, ytr, value, max_iter)
+        val_acc.append(((_predict(w, xva) > 0) == (ys[1] > 0.5)).mean(axis=0) if len(xs[1]) else np.zeros(n_attr))
+        test_pred.append(_predict(w, xte) > 0)
+    val_acc_arr = np.stack(val_acc)  # [L, A]
+    # per attribute: the best validation accuracy, the larger penalty among equals
+    chosen = np.array([max(i for i in range(len(candidates)) if val_acc_arr[i, a] >= val_acc_arr[:, a].max() - 1e-12)
+                       for a in range(n_attr)])
+    attributes: dict[str, Any] = {}
+    for a, name in enumerate(names):
+        truth = ys[2][:, a] > 0.5
+        train_pos = ys[0][:, a].mean()
+        constant = train_pos in (0.0, 1.0)
+        pred = np.full(len(truth), train_pos == 1.0) if constant else test_pred[chosen[a]][:, a]
+        correct = (pred == truth).astype(float)
+        attributes[name] = {
+            "accuracy": float(correct.mean()), "balanced_accuracy": balanced_accuracy(correct, truth),
+            "l2": None if constant else candidates[chosen[a]], "constant": bool(constant),
+            "validation_accuracy": None if constant or not len(xs[1]) else float(val_acc_arr[chosen[a], a]),
+            "positive_rate_test": float(truth.mean()), "majority_accuracy": float(max(truth.mean(), 1 - truth.mean())),
+        }
+    return {"n_train": len(xs[0]), "n_val": len(xs[1]), "n_test": len(xs[2]), "l2_candidates": candidates,
+            "l2_selection": "validation" if len(xs[1]) and len(candidates) > 1 else "fixed",
+            "mean_accuracy": float(np.mean([v["accuracy"] for v in attributes.values()])),
+            "mean_balanced_accuracy": float(np.mean([v["balanced_accuracy"] for v in attributes.values()])),
+            "attributes": attributes}
