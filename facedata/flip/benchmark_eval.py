@@ -26,7 +26,7 @@ import numpy as np
 
 from facedata.flip.benchmarks import AttributeBenchmark, RetrievalBenchmark
 from facedata.flip.encoders import Encoder
-from facedata.flip.metrics import DEFAULT_KS, DEFAULT_L2, attribute_probe, multi_caption_recall
+from facedata.flip.metrics import ATTRIBUTE_L2, DEFAULT_KS, attribute_probe, multi_caption_recall
 
 __all__ = ["format_markdown", "image_features", "run_benchmark", "text_features", "write_tables"]
 
@@ -97,7 +97,7 @@ def _majority_row(bench: AttributeBenchmark) -> dict[str, Any]:
 
 def run_benchmark(bench: AttributeBenchmark | RetrievalBenchmark, encoders: Sequence[Encoder], *,
                   batch_size: int = 64, workers: int = 0, device: str = "auto", threads: int | None = None,
-                  l2: Sequence[float] = DEFAULT_L2, ks: Sequence[int] = DEFAULT_KS,
+                  l2: Sequence[float] = ATTRIBUTE_L2, ks: Sequence[int] = DEFAULT_KS,
                   progress: bool = False) -> dict[str, Any]:
     import torch
 
