@@ -26,7 +26,7 @@ import numpy as np
 
 from facedata.flip.benchmarks import AttributeBenchmark, RetrievalBenchmark
 from facedata.flip.encoders import Encoder
-from facedata.flip.metrics import ATTRIBUTE_L2, DEFAULT_KS, attribute_probe, multi_caption_recall
+from facedata.flip.metrics import ATTRIBUTE_L2, DEFAULT_KS, attribute_probe, balanced_accuracy, multi_caption_recall
 
 __all__ = ["format_markdown", "image_features", "run_benchmark", "text_features", "write_tables"]
 
@@ -90,9 +90,12 @@ def text_features(encoder: Encoder, texts: Sequence[str], *, batch_size: int = 2
 def _majority_row(bench: AttributeBenchmark) -> dict[str, Any]:
     train, test = bench.indices("train"), bench.indices("test")
     majority = bench.labels[train].mean(axis=0) >= 0.5
-    acc = (bench.labels[test] == majority).mean(axis=0)
-    return {"mean_accuracy": float(acc.mean()),
-            "attributes": {a: {"accuracy": float(acc[i])} for i, a in enumerate(bench.attributes)}}
+    correct = (bench.labels[test] == majority).astype(float)
+    acc = correct.mean(axis=0)
+    balanced = [balanced_accuracy(correct[:, i], bench.labels[test, i]) for i in range(len(bench.attributes))]
+    return {"mean_accuracy": float(acc.mean()), "mean_balanced_accuracy": float(np.mean(balanced)),
+            "attributes": {a: {"accuracy": float(acc[i]), "balanced_accuracy": balanced[i]}
+                           for i, a in enumerate(bench.attributes)}}
 
 
 def run_benchmark(bench: AttributeBenchmark | RetrievalBenchmark, encoders: Sequence[Encoder], *,
@@ -116,7 +119,8 @@ def run_benchmark(bench: AttributeBenchmark | RetrievalBenchmark, encoders: Sequ
             tr, va, te = (bench.indices(s) for s in ("train", "validation", "test"))
             majority = _majority_row(bench)
             results["rows"].append({"model": "majority class (train)", "kind": "labels only", "source": "",
-                                    "mean_accuracy": majority["mean_accuracy"], "mean_balanced_accuracy": 0.5,
+                                    "mean_accuracy": majority["mean_accuracy"],
+                                    "mean_balanced_accuracy": majority["mean_balanced_accuracy"],
                                     "attributes": majority["attributes"]})
         else:
             counts = bench.captions_per_image()
