@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from facedata.core.config import ConfigError, FaceConfig, FaceFilterConfig, ImageConfig, load_config
 from facedata.core.errors import UserError
-from facedata.flip.evaluate import add_eval_parser, run_eval_command
+from facedata.flip.eval_cli import add_eval_parser, run_eval_command
 from facedata.flip.search import add_search_parser, run_search_command
 from facedata.core.prefect_env import configure_prefect
 from flows.deploy import add_serve_parser, run_serve_command

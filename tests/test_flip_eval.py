@@ -195,7 +195,7 @@ def trained(demo_run, tmp_path_factory):
 
 
 def _parse(argv):
-    from facedata.flip.evaluate import add_eval_parser
+    from facedata.flip.eval_cli import add_eval_parser
 
     parser = argparse.ArgumentParser()
     add_eval_parser(parser.add_subparsers(dest="command"))
@@ -203,7 +203,7 @@ def _parse(argv):
 
 
 def test_eval_command_trained_vs_random_init(trained, tmp_path, capsys):
-    from facedata.flip.evaluate import run_eval_command
+    from facedata.flip.eval_cli import run_eval_command
 
     dataset, run_dir, metrics = trained
     out = tmp_path / "eval.json"
@@ -309,7 +309,8 @@ def test_evaluate_a_model_object_and_explicit_splits(trained):
 
 
 def test_eval_errors_are_one_line(trained, tmp_path):
-    from facedata.flip.evaluate import evaluate, run_eval_command
+    from facedata.flip.eval_cli import run_eval_command
+    from facedata.flip.evaluate import evaluate
 
     dataset, run_dir, _ = trained
     with pytest.raises(UserError, match="missing.pt: no such file or folder"):
