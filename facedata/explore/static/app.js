@@ -141,6 +141,8 @@ function funnelChart(funnel, params) {
     const cls = "reason" + (row.hidden ? " hidden" : " clickable") + (active === row.reason ? " active" : "");
     const g = svg("g", {class: cls, "data-testid": "reason", "data-stage": row.stage, "data-reason": row.reason,
                         "data-count": row.count});
+    // A transparent row behind the label and bar: the whole row takes the click.
+    g.append(svg("rect", {x: 0, y, width, height: rowH, class: "hit"}));
     g.append(svg("text", {x: 20, y: y + 15, class: "flabel"}, `${row.stage} / ${row.reason}` + (row.hidden ? " (count only)" : "")),
              svg("rect", {x: labelW, y: y + 5, width: w, height: rowH - 10, class: "bar dropped"}),
              svg("text", {x: labelW + w + 6, y: y + 15, class: "fcount"}, fmt(row.count)));
