@@ -219,7 +219,10 @@ class Catalog:
                 by_stage.setdefault(r["stage"], []).append({"reason": r["status"], "count": r["n"],
                                                             "hidden": r["status"] in HIDDEN_STATUSES})
         stages, kept = [], total
-        for stage in self.stage_order():
+        order = self.stage_order()
+        # A stage with drops that the run's recorded step order does not name still shows (before "other").
+        order[-1:-1] = sorted(set(by_stage) - set(order))
+        for stage in order:
             reasons = sorted(by_stage.get(stage, []), key=lambda r: (-r["count"], r["reason"]))
             if not reasons and stage in ("other", "input", "image"):
                 continue
