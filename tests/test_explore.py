@@ -396,3 +396,68 @@ def test_hidden_status_is_never_served(server, records):
     status, body = _raw(server[0], "GET", "/api/samples?f=status:unsafe", {"Host": urlsplit(server[0]).netloc})
     answer = json.loads(body)
     assert answer["rows"] == [] and answer["hidden"] == 1
+
+
+# ------------------------------------------------------------------------------------------ FLIP
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """An untrained tiny FLIP model saved as facedata train saves checkpoints: enough to check that
+    the page's search embeds, ranks by cosine and shows what the model finds (not that it finds
+    well: the tests in test_flip_search.py train one on the demo for that)."""
+    import torch
+
+    from facedata.flip.config import ModelSection
+    from facedata.flip.model import build_flip_model
+    from facedata.flip.train import CHECKPOINT_FORMAT
+
+    torch.manual_seed(0)
+    model = {"config": {"embed_dim": 32, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64,
+                                                        "head_width": 32, "layers": 1},
+                        "text_cfg": {"context_length": 40, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}}
+    flip = build_flip_model(ModelSection.model_validate(model))
+    path = tmp_path_factory.mktemp("flip") / "tiny.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "state_dict": flip.model.state_dict(), "step": 0,
+                "config": {"model": model, "data": {"use_crops": True, "crop_scale": 1.5}}}, path)
+    return path
+
+
+def test_text_to_face_search_and_more_like_this(explore_run, records, tiny_checkpoint, browser, screens, tmp_path):
+    from playwright.sync_api import expect
+
+    from facedata.flip.embed import embed_images, embed_texts, load_checkpoint
+    from facedata.explore.images import ShardImages
+
+    proc, url = _start(explore_run, "--checkpoint", str(tiny_checkpoint), "--cache-dir", str(tmp_path / "cache"))
+    try:
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        page = context.new_page()
+        page.goto(url)
+        page.fill("[data-testid=face-search]", "a smiling woman with black hair")
+        page.press("[data-testid=face-search]", "Enter")
+        kept = [r for r in records if r["status"] == "ok"]
+        cards = page.locator("[data-testid=face-search-results] [data-testid=card]")
+        expect(cards).to_have_count(len(kept))
+        keys = [cards.nth(i).get_attribute("data-key") for i in range(cards.count())]
+        shown = [float(cards.nth(i).locator("[data-testid=similarity]").inner_text().split()[-1]) for i in range(len(keys))]
+        page.screenshot(path=str(screens / "face_search.png"), full_page=True)
+        # The ranking is the model's cosine between the query and each kept image's face crop.
+        ckpt = load_checkpoint(tiny_checkpoint)
+        images = ShardImages(explore_run, tmp_path / "unused")
+        by_key = {r["key"]: r for r in kept}
+        text = embed_texts(ckpt, ["a smiling woman with black hair"])[0]
+        image_vectors = embed_images(ckpt, [images.image(int(k) // 4, k)[0] for k in keys],
+                                     boxes=[by_key[k]["faces"][by_key[k]["primary_face"]]["bbox"] for k in keys])
+        expected = image_vectors @ text
+        np.testing.assert_allclose(shown, expected, atol=2e-3)
+        assert shown == sorted(shown, reverse=True)
+
+        page.goto(f"{url}#/sample/{keys[0]}")
+        page.locator("[data-testid=more-like-this]").click()
+        similar = page.locator("[data-testid=similar-results] [data-testid=card]")
+        expect(similar).to_have_count(len(kept) - 1)
+        assert keys[0] not in [similar.nth(i).get_attribute("data-key") for i in range(similar.count())]
+        context.close()
+    finally:
+        stop_process_group(proc)
