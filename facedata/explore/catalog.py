@@ -255,22 +255,53 @@ class Catalog:
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
     def facets(self, filters: dict[str, list[str]], text: str | None) -> dict:
-        """Per facet, the count of each value among the samples that pass every other filter."""
+        """Per facet, the count of each value among the samples that pass every other filter.
+
+        Facet filters alone are cheap comparisons, applied inline in each facet's count. A text
+        search scans every caption: it is evaluated once, into a materialised set of the matching
+        rows that fail at most one facet filter (no other row counts anywhere), which each facet's
+        count then reads. (One GROUPING SETS scan measured slower than either.)"""
+        active = {f: v for f, v in filters.items() if f in FACETS and v}
+        columns = [f"a_{f}" if f in ATTRIBUTE_FACETS else f for f in FACETS]
         selects, params = [], []
-        for facet in FACETS:
-            column = f"a_{facet}" if facet in ATTRIBUTE_FACETS else facet
-            where, p = self.where({k: v for k, v in filters.items() if k != facet}, text)
-            selects.append(f"SELECT {quote_literal(facet)} AS facet, CAST({column} AS VARCHAR) AS value, count(*) AS n "
-                           f"FROM samples{where} GROUP BY 2")
+        if not (text or "").split():
+            for facet, column in zip(FACETS, columns):
+                where, p = self.where({f: v for f, v in active.items() if f != facet}, None)
+                selects.append(f"SELECT {quote_literal(facet)} AS facet, CAST({column} AS VARCHAR) AS value, "
+                               f"count(*) AS n FROM samples{where} GROUP BY 2")
+                params += p
+            where, p = self.where(active, None)
+            selects.append(f"SELECT '' AS facet, NULL AS value, count(*) AS n FROM samples{where}")
+            sql = " UNION ALL ".join(selects)
             params += p
-        rows = self.query(" UNION ALL ".join(selects), params)
+        else:
+            mask_sql = []
+            for facet, values in active.items():
+                clause, p = self.where({facet: values}, None)
+                mask_sql.append(f"coalesce({clause.removeprefix(' WHERE ')}, false) AS {quote_ident('m_' + facet)}")
+                params += p
+            text_where, p = self.where({}, text)
+            params += p
+            failed = " + ".join(f"CAST(NOT {quote_ident('m_' + f)} AS INTEGER)" for f in active) or "0"
+            masks = {f: quote_ident("m_" + f) for f in active}
+            for facet, column in zip(FACETS, columns):
+                others = [m for f, m in masks.items() if f != facet]
+                where = f" WHERE {' AND '.join(others)}" if others else ""
+                selects.append(f"SELECT {quote_literal(facet)} AS facet, CAST({column} AS VARCHAR) AS value, "
+                               f"count(*) AS n FROM base{where} GROUP BY 2")
+            total_where = f" WHERE {' AND '.join(masks.values())}" if masks else ""
+            selects.append(f"SELECT '' AS facet, NULL AS value, count(*) AS n FROM base{total_where}")
+            sql = (f"WITH base AS MATERIALIZED (SELECT * FROM (SELECT {', '.join(columns + mask_sql)} FROM samples"
+                   f"{text_where}) WHERE {failed} <= 1) " + " UNION ALL ".join(selects))
         out: dict[str, list] = {facet: [] for facet in FACETS}
-        for r in rows:
-            out[r["facet"]].append({"value": r["value"] if r["value"] is not None else "(none)", "count": r["n"]})
+        total = 0
+        for r in self.query(sql, params):
+            if r["facet"] == "":
+                total = r["n"]
+            else:
+                out[r["facet"]].append({"value": r["value"] if r["value"] is not None else "(none)", "count": r["n"]})
         for facet in out:
             out[facet].sort(key=lambda v: (-v["count"], v["value"]))
-        where, p = self.where(filters, text)
-        total = self.query(f"SELECT count(*) AS n FROM samples{where}", p)[0]["n"]
         return {"total": total, "facets": out}
 
     GRID_COLUMNS = ("key, shard, url, path, caption, face_caption, status, stage, reason_value, p_score AS score, "
