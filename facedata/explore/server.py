@@ -378,6 +378,9 @@ def serve(path: Path, host: str = "127.0.0.1", port: int = 8765, checkpoint: Pat
         sock.bind((host, port))
     except OSError as err:
         raise UserError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+    # Listening before the URL is printed: a request sent at once waits in the backlog instead of
+    # being refused while the server starts.
+    sock.listen(128)
     bound_port = sock.getsockname()[1]
     loopback = host in ("127.0.0.1", "localhost", "::1")
     allowed = {f"{h}:{bound_port}" for h in ("127.0.0.1", "localhost", "[::1]")} if loopback else None
