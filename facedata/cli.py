@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from facedata.core.config import ConfigError, FaceConfig, FaceFilterConfig, ImageConfig, load_config
 from facedata.core.errors import UserError
+from facedata.explore.command import add_explore_parser, run_explore_command
 from facedata.flip.eval_cli import add_eval_parser, run_eval_command
 from facedata.flip.search import add_search_parser, run_search_command
 from facedata.core.prefect_env import configure_prefect
@@ -111,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_search_parser(sub)
     add_serve_parser(sub)
+    add_explore_parser(sub)
     return parser
 
 
@@ -142,7 +144,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from facedata.demo.run import run_demo
+    from facedata.demo.run.run import run_demo
 
     run_demo(args.output, progress=not args.no_progress, train=not args.no_train)
     return 0
@@ -185,7 +187,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_publish(args) -> int:
-    from facedata.publish.writer import publish
+    from facedata.publish.writer.writer import publish
 
     result = publish(args.run_dir, args.to, repo=args.repo, private=not args.public, dry_run=args.dry_run,
                      overwrite=args.overwrite, skip_partial=args.skip_partial, crops=args.crops,
@@ -226,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"run": cmd_run, "demo": cmd_demo, "detect": cmd_detect, "train": cmd_train,
                 "publish": cmd_publish, "search": run_search_command,
-                "eval": run_eval_command, "serve": run_serve_command}[args.command](args)
+                "eval": run_eval_command, "serve": run_serve_command,
+                "explore": run_explore_command}[args.command](args)
     except UserError as err:
         print(f"facedata: error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,1 @@
+"""`facedata explore`: a local web page to audit a run (funnel, reasons, facets, samples, identities)."""
