@@ -144,7 +144,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from facedata.demo.run.run import run_demo
+    from facedata.demo.run import run_demo
 
     run_demo(args.output, progress=not args.no_progress, train=not args.no_train)
     return 0
@@ -187,7 +187,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_publish(args) -> int:
-    from facedata.publish.writer.writer import publish
+    from facedata.publish.writer import publish
 
     result = publish(args.run_dir, args.to, repo=args.repo, private=not args.public, dry_run=args.dry_run,
                      overwrite=args.overwrite, skip_partial=args.skip_partial, crops=args.crops,

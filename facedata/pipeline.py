@@ -68,10 +68,9 @@ def run_shard(step: str, plan: ShardPlan | int, cfg: Config, run_dir: str | Path
     if fingerprint is None:
         fingerprint = step_fingerprints(cfg, model_infos(cfg) if step != "download" else {})[step]
     instance = builtin_step(step, cfg) if step in BUILTIN_STEPS else dict(pipeline(cfg))[step]
-    if step == "download":
+    source = source_of(cfg, step)
+    if source is None:  # the first step reads the shard's input plan
         source = layout.plan_file(shard_id) if isinstance(plan, int) else Path(plan.path)
-    else:
-        source = source_of(cfg, step)
     return run_shard_step(instance, shard_id, layout.root, source, fingerprint, progress)
 
 

@@ -34,6 +34,7 @@ from facedata.core.prefect_env import start_api_server
 from facedata.ingest.reader import ShardPlan, check_input, plan_shards
 from facedata.report.prefect_artifacts import RunProgress, publish_run_artifacts
 from facedata.core.run_layout import RunLayout
+from facedata.core.step import GLOBAL_STEPS
 
 log = logging.getLogger("facedata.flow")
 
@@ -58,11 +59,12 @@ def shard_step_task(step: str, plan: ShardPlan, previous: dict | None, cfg: Conf
     return run_shard(step, plan, cfg, Path(run_dir), progress, fingerprint)
 
 
-@task(name="identity", cache_policy=NO_CACHE)
-def identity_task(cfg: Config, run_dir: str, shard_ids: list[int], fingerprint: Fingerprint) -> dict:
+@task(name="global-step", task_run_name="{step}", cache_policy=NO_CACHE)
+def global_step_task(step: str, cfg: Config, run_dir: str, shard_ids: list[int], fingerprint: Fingerprint) -> dict:
+    """A run-wide step (identity) over every shard."""
     from facedata.pipeline import run_global
 
-    return run_global("identity", cfg, run_dir, shard_ids, fingerprint)
+    return run_global(step, cfg, run_dir, shard_ids, fingerprint)
 
 
 @task(name="report", cache_policy=NO_CACHE)
@@ -127,9 +129,7 @@ def curate(config: dict, run_dir: str, progress: bool = True, models: dict | Non
     plans = plan_shards_task(cfg, run_dir)
     shard_ids = [plan.shard_id for plan in plans]
     begin_run(layout, config, fingerprints, shard_ids)
-    # Shard steps run per shard, chained; the identity step sees every shard at once: a barrier.
-    steps = list(fingerprints)
-    barrier = steps.index("identity") if "identity" in steps else len(steps)
+    # Shard steps run per shard, chained; a run-wide step sees every shard at once: a barrier.
     tracker = RunProgress(run_dir)
 
     def run_shard_steps(chain: list[str]) -> list[str]:
@@ -137,10 +137,18 @@ def curate(config: dict, run_dir: str, progress: bool = True, models: dict | Non
             tracker.open(step, len(plans))
         return tracker.wait(_submit_shards(plans, chain, cfg, run_dir, progress, fingerprints)) if chain else []
 
-    failed = run_shard_steps(steps[:barrier])
-    if not failed and barrier < len(steps):
-        identity_task(cfg, run_dir, shard_ids, fingerprints["identity"])
-        failed = run_shard_steps(steps[barrier + 1:])
+    failed: list[str] = []
+    chained: list[str] = []
+    for step in [*fingerprints, None]:
+        if step is not None and step not in GLOBAL_STEPS:
+            chained.append(step)
+            continue
+        failed = run_shard_steps(chained)
+        chained = []
+        if failed:
+            break
+        if step is not None:
+            global_step_task(step, cfg, run_dir, shard_ids, fingerprints[step])
     try:
         summary = report_task(cfg, run_dir, tracker.stage_seconds())
     except Exception as err:

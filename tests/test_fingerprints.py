@@ -283,3 +283,39 @@ def test_bad_user_step_options_are_one_line(tmp_path):
     step = {"step": f"{tmp_path / 'my_steps.py'}:CaptionWords", "options": {"words": "x", "other": 1}}
     with pytest.raises(ConfigError, match=r"step caption_words \(.*\): options.words: expected a valid list$"):
         config_from_dict({"input": {"path": "x"}, "steps": ["download", "faces", "identity", "captions", step]})
+
+
+def test_a_filter_before_download_fetches_nothing_for_the_rows_it_drops(base_run, tmp_path):
+    """A filter on the input rows alone, placed before download: the rows it drops are never
+    fetched, keep its reason, and the funnel shows it between the input and the download."""
+    import facedata
+
+    (tmp_path / "my_steps.py").write_text(USER_STEP)
+    step = {"step": f"{tmp_path / 'my_steps.py'}:CaptionWords", "options": {"words": ["selfie"]}}
+    run = tmp_path / "run"
+    summary = facedata.curate({**base_run[0], "steps": [step, "download", "faces", "identity", "captions"]}, run)
+    downloaded = _records(run, "download")
+    selfies = {r["key"] for r in downloaded if "selfie" in r["caption"]}
+    assert selfies and len(downloaded) == 6
+    for r in downloaded:
+        if r["key"] in selfies:
+            assert r["status"] == "banned_word" and r["bytes_downloaded"] is None and r["sha256"] is None
+        else:
+            assert r["status"] == "ok" and r["bytes_downloaded"] > 0
+    stats = [json.loads(p.read_text()) for p in sorted((run / "shards").glob("*.stats.json"))]
+    assert sum(s["n_in"] for s in stats) == 6 - len(selfies)
+    stages = [row["stage"] for row in summary["funnel"]]
+    assert stages[:3] == ["input", "caption_words", "download"]
+    assert summary["funnel"][1]["dropped_by_status"] == {"banned_word": len(selfies)}
+    assert summary["funnel"][2]["kept"] == 6 - len(selfies) and summary["funnel"][2]["dropped"] == 0
+    assert {r["status"] for r in facedata.open_run(run).to_pylist() if r["key"] in selfies} == {"banned_word"}
+
+
+def test_a_step_that_needs_images_cannot_come_before_download(tmp_path):
+    from facedata.core.config import ConfigError
+
+    (tmp_path / "image_step.py").write_text(
+        "from facedata.core.step import ShardStep\n\n\nclass Sizes(ShardStep):\n    name = 'sizes'\n    needs_images = True\n")
+    with pytest.raises(ConfigError, match="it needs images, so it must come after download$"):
+        config_from_dict({"input": {"path": "x"}, "steps": [f"{tmp_path / 'image_step.py'}:Sizes", "download", "faces",
+                                                            "identity", "captions"]})

@@ -242,13 +242,19 @@ def run_shard_step(step: ShardStep, shard_id: int, run_dir: Path, source: str | 
 
     started = time.time()
     shard = Shard(step.name, shard_id, layout, source_file, progress, previous if previous and previous.exists() else None)
-    before = shard.table.column("status").to_pylist() if "status" in shard.table.column_names \
-        else [None] * shard.table.num_rows  # an input plan without problems found while reading it
+    if not isinstance(source, str):
+        # The input plan: a row with no problem found while reading it is still in (ok).
+        statuses = shard.table.column("status").to_pylist() if "status" in shard.table.column_names \
+            else [None] * shard.table.num_rows
+        column = pa.array([s or records.OK for s in statuses], pa.string())
+        at = shard.table.schema.get_field_index("status")
+        shard.table = shard.table.set_column(at, "status", column) if at >= 0 else shard.table.append_column("status", column)
+    before = shard.table.column("status").to_pylist()
     out = step.run(shard)
     if out.table is not None:
         table, statuses = out.table, out.table.column("status").to_pylist()
-        step_status = [s if b is None else None for s, b in zip(statuses, before)] if len(before) == len(statuses) \
-            else statuses
+        step_status = [s if b == records.OK else None for s, b in zip(statuses, before)] \
+            if len(before) == len(statuses) else statuses
     else:
         table, statuses, step_status = _apply(step, shard.table, before, out)
     with atomic_path(layout.records_file(step.name, shard_id)) as tmp:
@@ -429,27 +435,32 @@ def pipeline(cfg) -> list[tuple[str, ShardStep | None]]:
 
 
 def check_steps(entries: list) -> None:
-    """The built-in steps once each, in their order, download first; user steps loadable, with
-    valid options and names of their own. Raises StepError."""
+    """The built-in steps once each, in their order; before download only steps that judge the
+    input rows alone (no images: nothing is fetched for a row they drop); user steps loadable,
+    with valid options and names of their own. Raises StepError."""
     builtins = [e for e in entries if isinstance(e, str) and e in BUILTIN_STEPS]
     if builtins != list(BUILTIN_STEPS):
         raise StepError(f"steps: expected the built-in steps {', '.join(BUILTIN_STEPS)} once each and in that "
                         "order (switch one off in its own section, e.g. identity.enabled: false), "
                         f"got {', '.join(builtins) or 'none'}")
-    if _entry(entries[0])[0] != "download":
-        raise StepError("steps: download must come first (every other step reads what it stored)")
     names: set[str] = set()
+    downloaded = False
     for entry in entries:
         path, options = _entry(entry)
         if path in BUILTIN_STEPS:
+            downloaded = downloaded or path == "download"
             continue
         step = make_step(path, options)
+        if not downloaded and step.needs_images:
+            raise StepError(f"step {path}: it needs images, so it must come after download")
         if step.name in _RESERVED or step.name in names or not step.name.isidentifier():
             raise StepError(f"step {path}: name {step.name!r} is taken or not a plain identifier")
         names.add(step.name)
 
 
-def source_of(cfg, name: str) -> str:
-    """The step whose records `name` reads: the one before it in the run's steps."""
+def source_of(cfg, name: str) -> str | None:
+    """The step whose records `name` reads: the one before it in the run's steps (None for the
+    first, which reads the shard's input plan)."""
     names = [n for n, _ in pipeline(cfg)]
-    return names[names.index(name) - 1]
+    at = names.index(name)
+    return names[at - 1] if at else None

@@ -57,7 +57,7 @@ def process_sample(sample: dict, downloader: Downloader, cfg: Config) -> tuple[d
     """One sample end to end: (its record, the bytes to store or None)."""
     result = dict.fromkeys(RECORD_FIELDS)
     result.update({k: v for k, v in sample.items() if k not in _CONSUMED})
-    if sample.get("status"):  # an input problem found while ingesting
+    if sample.get("status") not in (None, records.OK):  # an input problem, or a step before download dropped it
         return result, None
     data = _fetch_bytes(sample, downloader, result)
     if data is None:

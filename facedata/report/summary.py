@@ -48,13 +48,23 @@ def summarize_run(run_dir: Path, faces: bool) -> dict:
             total[key] += stats.get(key) or 0
     total["process_seconds"] = round(total["process_seconds"], 3)
 
+    # Rows that steps before download dropped (on their input rows alone) have their own funnel rows.
+    before_download: Counter = Counter()
+    order = layout.step_order() if layout.fingerprints_file.exists() else []
+    for step in order[:order.index("download")] if "download" in order else []:
+        for shard_id, path in _stats_files(layout.step_dir(step)).items():
+            if shard_id in downloads:
+                before_download.update({k: v for k, v in json.loads(path.read_text())["step_status_counts"].items()
+                                        if k != records.OK})
+    download_counts.subtract(before_download)
+    download_counts = +download_counts
     n_downloaded = download_counts.get(records.OK, 0)
     funnel = [
         {"stage": "input", "kept": total["n_samples"]},
         {
             "stage": "download",
             "kept": n_downloaded,
-            "dropped": total["n_samples"] - n_downloaded,
+            "dropped": total["n_samples"] - sum(before_download.values()) - n_downloaded,
             "dropped_by_status": _drops(download_counts),
         },
     ]
