@@ -169,3 +169,22 @@ def test_decontamination_bad_folder_is_one_line(tmp_path):
     assert "\n" not in str(err.value) and "not a folder" in str(err.value)
     with pytest.raises(StepError, match="folders"):
         make_step("facedata.filters.decontaminate:BenchmarkOverlap", {"folders": []})
+
+
+def test_decontamination_reuses_the_hash_steps_columns(tmp_path):
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    load(PHOTOS[0]).save(bench / "a.png")
+    copy, other = jpeg_bytes(load(PHOTOS[0], 500), 50), jpeg_bytes(load(PHOTOS[1]))
+    rows = [{"key": "0", "status": records.OK}, {"key": "1", "status": records.OK}]
+    images = lambda: iter([("0", copy), ("1", other)])  # noqa: E731
+    hashed = PerceptualHash().process(rows, images)
+    for i, row in enumerate(rows):
+        row.update(phash=hashed.columns["phash"][i], phash_crops=hashed.columns["phash_crops"][i])
+    step = BenchmarkOverlap({"folders": [str(bench)]})
+    assert step.process(rows, images).reasons == ["benchmark_overlap", None]
+    # The columns are what is searched: swap them and the verdicts follow the hashes, then the
+    # pixel-level check (on the bytes) rejects the copy's hash on the other photo.
+    rows[0]["phash"], rows[1]["phash"] = rows[1]["phash"], rows[0]["phash"]
+    rows[0]["phash_crops"], rows[1]["phash_crops"] = rows[1]["phash_crops"], rows[0]["phash_crops"]
+    assert step.process(rows, images).reasons == [None, None]

@@ -10,8 +10,8 @@ On the input rows alone, before any download (subclasses of `Filter`, reading on
 On the downloaded images (ShardStep with needs_images=True):
     nsfw.UnsafeImages                       Open NSFW (ONNX) score per image
     text_overlay.TextOverlay                share of the image covered by text (PP-OCR detection)
-    perceptual_hash.PerceptualHash          256-bit pHash (+ crop hashes) per image as columns
-    duplicates.find_duplicates              run-wide exact (sha256) and near (Hamming) duplicates
+    perceptual_hash.PerceptualHash          64-bit pHash (+ 18 crop hashes) per image as columns
+    duplicates.find_duplicates              run-wide exact (sha256) and near (Hamming + pixel check) duplicates
     decontaminate.BenchmarkOverlap          near duplicates of a folder of evaluation images
 
 Nothing here loads a model at import; models load on first use, from files their packages ship.

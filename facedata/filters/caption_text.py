@@ -18,7 +18,9 @@ PLACEHOLDERS = frozenset((
     "profile picture", "stock photo", "image may contain", "featured image",
 ))
 
-_URL = re.compile(r"^(?:[a-z][a-z0-9+.-]*://|www\.)\S+$|^\S+\.(?:com|org|net|io|co|de|uk|ru|jp|cn|fr|info|html?|php|aspx?)(?:/\S*)?$", re.I)
+# A scheme or www. prefix, or a bare domain / page name with a common ending.
+_URL = re.compile(r"^(?:[a-z][a-z0-9+.-]*://|www\.)\S+$"
+                  r"|^\S+\.(?:com|org|net|io|co|de|uk|ru|jp|cn|fr|info|html?|php|aspx?)(?:/\S*)?$", re.I)
 _FILE_NAME = re.compile(r"^\S+\.(?:jpe?g|png|gif|webp|bmp|tiff?|heic|heif|avif|svg|raw|cr2|nef|dng)$", re.I)
 # Camera and phone frame names: IMG_1234, DSC_0001, DSCN0042, DSCF1234, PXL_20230101_123456789,
 # P1010023, GOPR0001, WhatsApp Image 2021-01-01 at 10.00.00, Screenshot_20200101-101010.

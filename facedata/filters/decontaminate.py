@@ -48,11 +48,13 @@ class BenchmarkIndex:
     def __len__(self) -> int:
         return len(self.paths) - len(self.unreadable)
 
-    def match(self, data: bytes) -> Path | None:
-        """The benchmark image this image is a near copy of, or None."""
+    def match(self, data: bytes, hashes: tuple[str, list[str]] | None = None) -> Path | None:
+        """The benchmark image this image is a near copy of, or None. `hashes`: the image's
+        (phash, phash_crops) when the hash step already computed them; the bytes are then decoded
+        only to confirm a candidate."""
         if self.index is None:
             return None
-        whole, crop_hashes = image_hashes(data)
+        whole, crop_hashes = hashes if hashes is not None else image_hashes(data)
         lims, distances, found = self.index.range_search(hex_to_bytes([whole, *crop_hashes]), self.radius + 1)
         candidates = sorted({(float(d), self.owners[int(i)]) for d, i in zip(distances, found)})
         seen = set()
@@ -66,7 +68,8 @@ class BenchmarkIndex:
 
 
 class BenchmarkOverlap(ShardStep):
-    """Drops images that are near copies of an image under `folders`; `benchmark_match` names it."""
+    """Drops images that are near copies of an image under `folders`; `benchmark_match` names it.
+    Placed after the `phash` step it reuses that step's columns instead of hashing again."""
 
     name = "decontaminate"
     version = 1
@@ -119,8 +122,10 @@ class BenchmarkOverlap(ShardStep):
             i = position.get(key)
             if i is None:
                 continue
+            row = rows[i]
+            known = (row["phash"], list(row.get("phash_crops") or [])) if row.get("phash") else None
             try:
-                found = self.index.match(data)
+                found = self.index.match(data, known)
             except Exception:  # noqa: BLE001 - an image that cannot be decoded matches nothing
                 found = None
             if found is not None:

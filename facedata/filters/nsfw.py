@@ -7,8 +7,9 @@ BELLY_COVERED, ...) that need a policy of their own to become one decision, and 
 a second OpenCV. Yahoo's guidance: under 0.2 safe, over 0.8 unsafe.
 
 Measured on every real people photo the project has (benchmarks/filters.py, benchmarks/README.md):
-the highest score is under 0.2. Recall on unsafe images was not measured: there are none here and
-none may be fetched; the tests check the plumbing with real scores and thresholds only.
+79 photos, none over 0.3 (the highest 0.235), so no false positive at the default 0.5. Recall on
+unsafe images was not measured: there are none here and none may be fetched; the tests check the
+plumbing with real scores and thresholds only.
 """
 
 from __future__ import annotations
@@ -74,9 +75,12 @@ class UnsafeImages(ShardStep):
 
     class Options(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        # Stricter than Yahoo's 0.8 for a dataset of people; every real people photo here scored under 0.2.
+        # Stricter than Yahoo's 0.8 for a dataset of people. On the project's 79 real people photos
+        # the highest score was 0.235 (insightface's t1.jpg, a group in street clothes); 3 scored over
+        # 0.2 and 8 over 0.1, so 0.3 is as strict as the minors' limit can be without dropping
+        # ordinary photos (benchmarks/README.md).
         max_score: float = Field(0.5, ge=0.0, le=1.0)
-        max_score_minor: float | None = Field(0.2, ge=0.0, le=1.0)
+        max_score_minor: float | None = Field(0.3, ge=0.0, le=1.0)
 
         @model_validator(mode="after")
         def _stricter_for_minors(self):
