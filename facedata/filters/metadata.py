@@ -5,7 +5,9 @@ image-text `similarity`, the `NSFW` tag (LAION-400M) or `punsafe` probability (L
 The reader carries extra columns as strings (numbers in their JSON spelling), so values are parsed
 here. Column names are matched case-insensitively (LAION-400M writes `NSFW`, `WIDTH`; LAION-5B
 parquet `width`). A row without a value for a threshold that is set passes that threshold: the
-image filters after download judge it from the image itself."""
+image filters after download judge it from the image itself. Run it on input rows (before download):
+after the download step the records also hold the stored image's `width`/`height`, which the
+case-insensitive lookup would find when the input has no declared size."""
 
 from __future__ import annotations
 
