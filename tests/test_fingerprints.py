@@ -319,3 +319,36 @@ def test_a_step_that_needs_images_cannot_come_before_download(tmp_path):
     with pytest.raises(ConfigError, match="it needs images, so it must come after download$"):
         config_from_dict({"input": {"path": "x"}, "steps": [f"{tmp_path / 'image_step.py'}:Sizes", "download", "faces",
                                                             "identity", "captions"]})
+
+
+def test_the_shipped_filters_run_as_the_readme_names_them(base_run, tmp_path):
+    """The README's `steps` example with the shipped filters: text filters before download (a French
+    caption is dropped and never fetched), the NSFW classifier after it (no people photo is unsafe);
+    each records its verdict column, and the classifier its model, in its stats."""
+    import facedata
+
+    photos = tmp_path / "photos"
+    shutil.copytree(base_run[0]["input"]["path"], photos)
+    texts = sorted(photos.glob("*.txt"))
+    for i, text in enumerate(texts):
+        text.write_text(f"A portrait photograph of a person looking at the camera, picture number {i} of the series.")
+    texts[0].write_text("Une photographie d'une personne qui regarde l'appareil devant un mur blanc.")
+    french = texts[0].stem
+    steps = [{"step": "facedata.filters.caption_language:CaptionLanguage", "options": {"keep_languages": ["en"]}},
+             {"step": "facedata.filters.caption_text:CaptionText"},
+             "download",
+             {"step": "facedata.filters.nsfw:UnsafeImages", "options": {"max_score": 0.5}},
+             "faces", "identity", "captions"]
+    data = {**base_run[0], "input": {"path": str(photos), "format": "folder"}, "steps": steps}
+    summary = facedata.curate(data, tmp_path / "run")
+    stages = [row["stage"] for row in summary["funnel"]]
+    assert stages[:5] == ["input", "caption_language", "caption_text", "download", "nsfw"]
+    assert summary["funnel"][1]["dropped_by_status"] == {"caption_language": 1}
+    records = facedata.open_run(tmp_path / "run").to_pylist()
+    dropped = [r for r in records if r["status"] == "caption_language"]
+    assert len(dropped) == 1 and french in dropped[0]["path"] and dropped[0]["bytes_downloaded"] is None
+    fetched = [r for r in records if r["bytes_downloaded"]]
+    assert len(fetched) == 5 and all(r["caption_text_status"] == "ok" for r in fetched)
+    assert all(r["nsfw_status"] == "ok" and 0 <= r["nsfw_score"] < 0.5 for r in fetched)
+    stats = json.loads(next((tmp_path / "run" / "nsfw").glob("*.stats.json")).read_text())
+    assert stats["models"] and all(m["licence"] for m in stats["models"].values())
