@@ -17,7 +17,7 @@ from facedata.core.fingerprints import Fingerprint, StepPlan, model_infos, plan_
 from facedata.ingest.reader import ShardPlan, check_input, load_plan, plan_shards
 from facedata.core.run_layout import RunLayout
 from facedata.core.shards import atomic_write_bytes
-from facedata.core.step import BUILTIN_STEPS, GLOBAL_STEPS, builtin_step, pipeline, run_global_step, run_shard_step, source_of
+from facedata.core.step import BUILTIN_STEPS, builtin_step, is_global, pipeline, run_global_step, run_shard_step, source_of
 
 log = logging.getLogger("facedata.pipeline")
 
@@ -80,7 +80,8 @@ def run_global(step: str, cfg: Config, run_dir: str | Path, shard_ids: list[int]
     the config's); returns its report."""
     if fingerprint is None:
         fingerprint = step_fingerprints(cfg, model_infos(cfg))[step]
-    return run_global_step(builtin_step(step, cfg), RunLayout(run_dir).root, shard_ids, source_of(cfg, step), fingerprint)
+    instance = builtin_step(step, cfg) if step in BUILTIN_STEPS else dict(pipeline(cfg))[step]
+    return run_global_step(instance, RunLayout(run_dir).root, shard_ids, source_of(cfg, step), fingerprint)
 
 
 def curate(config: Config | dict | str | Path, output: str | Path | None = None, progress: bool = False) -> dict:
@@ -100,7 +101,7 @@ def curate(config: Config | dict | str | Path, output: str | Path | None = None,
     # Consecutive shard steps run shard by shard; a run-wide step waits for every shard before it.
     chained: list[str] = []
     for step in [*fingerprints, None]:
-        if step is not None and step not in GLOBAL_STEPS:
+        if step is not None and not is_global(cfg, step):
             chained.append(step)
             continue
         for plan in plans:

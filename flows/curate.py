@@ -34,7 +34,7 @@ from facedata.core.prefect_env import start_api_server
 from facedata.ingest.reader import ShardPlan, check_input, plan_shards
 from facedata.report.prefect_artifacts import RunProgress, publish_run_artifacts
 from facedata.core.run_layout import RunLayout
-from facedata.core.step import GLOBAL_STEPS
+from facedata.core.step import is_global
 
 log = logging.getLogger("facedata.flow")
 
@@ -61,7 +61,7 @@ def shard_step_task(step: str, plan: ShardPlan, previous: dict | None, cfg: Conf
 
 @task(name="global-step", task_run_name="{step}", cache_policy=NO_CACHE)
 def global_step_task(step: str, cfg: Config, run_dir: str, shard_ids: list[int], fingerprint: Fingerprint) -> dict:
-    """A run-wide step (identity) over every shard."""
+    """A run-wide step (identity, duplicates) over every shard."""
     from facedata.pipeline import run_global
 
     return run_global(step, cfg, run_dir, shard_ids, fingerprint)
@@ -140,7 +140,7 @@ def curate(config: dict, run_dir: str, progress: bool = True, models: dict | Non
     failed: list[str] = []
     chained: list[str] = []
     for step in [*fingerprints, None]:
-        if step is not None and step not in GLOBAL_STEPS:
+        if step is not None and not is_global(cfg, step):
             chained.append(step)
             continue
         failed = run_shard_steps(chained)

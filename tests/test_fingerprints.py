@@ -352,3 +352,36 @@ def test_the_shipped_filters_run_as_the_readme_names_them(base_run, tmp_path):
     assert all(r["nsfw_status"] == "ok" and 0 <= r["nsfw_score"] < 0.5 for r in fetched)
     stats = json.loads(next((tmp_path / "run" / "nsfw").glob("*.stats.json")).read_text())
     assert stats["models"] and all(m["licence"] for m in stats["models"].values())
+
+
+def test_run_wide_duplicates_drop_copies_across_shards(base_run, tmp_path):
+    """The phash step and the run-wide duplicates step named in `steps`: an exact copy and a
+    re-encoded copy (in other shards than their originals) are dropped, each naming the image kept
+    in its place; the originals and every other photo stay."""
+    import io
+
+    from PIL import Image
+
+    import facedata
+
+    photos = tmp_path / "photos"
+    shutil.copytree(base_run[0]["input"]["path"], photos)
+    originals = sorted(photos.glob("*.jpg"))[:2]
+    shutil.copy(originals[0], photos / "zz_exact_copy.jpg")
+    buffer = io.BytesIO()
+    Image.open(originals[1]).save(buffer, "JPEG", quality=40)
+    (photos / "zz_reencoded.jpg").write_bytes(buffer.getvalue())
+    steps = ["download", {"step": "facedata.filters.perceptual_hash:PerceptualHash"},
+             {"step": "facedata.filters.duplicates:Duplicates", "options": {"radius": 8}},
+             "faces", "identity", "captions"]
+    data = {**base_run[0], "input": {"path": str(photos), "format": "folder"}, "steps": steps}
+    summary = facedata.curate(data, tmp_path / "run")
+    records = {Path(r["path"]).name: r for r in facedata.open_run(tmp_path / "run").to_pylist()}
+    assert len(records) == 8
+    assert records["zz_exact_copy.jpg"]["status"] == "duplicate_exact"
+    assert records["zz_reencoded.jpg"]["status"] == "duplicate_near"
+    assert records["zz_exact_copy.jpg"]["duplicate_of"] == records[originals[0].name]["key"]
+    assert records["zz_reencoded.jpg"]["duplicate_of"] == records[originals[1].name]["key"]
+    assert {r["duplicates_status"] for name, r in records.items() if not name.startswith("zz_")} == {"ok"}
+    row = next(r for r in summary["funnel"] if r["stage"] == "duplicates")
+    assert row["dropped_by_status"] == {"duplicate_exact": 1, "duplicate_near": 1} and row["shards_done"] == 3

@@ -113,7 +113,7 @@ def test_ray_runner_matches_thread_runner(tmp_path, runner_reference, cli_env):
     _, output, loads = run_and_compare("ray", runner_reference, tmp_path, cli_env, worker_env, timeout=600)
     # The workers' per-shard INFO lines reach the terminal (their level is this process's), each
     # one (Ray would fold lines that differ only in numbers into one), without colour codes.
-    assert output.count("caption shard 0000") == 3, output[-3000:]
+    assert output.count("captions shard 0000") == 3, output[-3000:]
     assert "\x1b[" not in output
 
     workers = {pid for pid, kind in loads if kind == "worker"}

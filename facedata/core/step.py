@@ -114,10 +114,9 @@ class Shard:
         return progress_bar(total=total, desc=f"{self.step} {self.name}", unit=unit, progress=self.progress, leave=False)
 
 
-class ShardStep:
-    """A step over one shard's records. Subclasses set `name`, `reasons`, `columns` (their Arrow
-    types) and `Options` (a pydantic model of their options), and implement `process` (or `run`,
-    which sees the whole `Shard`)."""
+class Step:
+    """What every step declares: `name`, `version`, `reasons` (the statuses it may give), `columns`
+    (their Arrow types) and `Options` (a pydantic model of its options, validated at config load)."""
 
     name: ClassVar[str]
     # Bump when the same inputs and options give other output. (The built-in steps' versions are in
@@ -125,7 +124,6 @@ class ShardStep:
     version: ClassVar[int] = 1
     reasons: ClassVar[dict[str, str]] = {}  # statuses this step may give -> what each means
     columns: ClassVar[dict[str, pa.DataType]] = {}
-    needs_images: ClassVar[bool] = False  # process() gets the kept samples' image bytes
     Options: ClassVar[type[BaseModel]] = NoOptions
 
     def __init__(self, options: dict | None = None):
@@ -143,6 +141,12 @@ class ShardStep:
     def models(self) -> dict[str, dict]:
         """ModelInfo-style dicts ({name, version, licence, source}) of the models it runs, by role."""
         return {}
+
+
+class ShardStep(Step):
+    """A step over one shard's records: implement `process` (or `run`, which sees the whole `Shard`)."""
+
+    needs_images: ClassVar[bool] = False  # process() gets the kept samples' image bytes
 
     def process(self, rows: list[dict], images: Callable[[], Iterator[tuple[str, bytes]]] | None) -> StepOutput:
         raise NotImplementedError
@@ -173,7 +177,7 @@ class Filter(ShardStep):
 
 
 @functools.lru_cache(maxsize=64)
-def load_step_class(path: str) -> type[ShardStep]:
+def load_step_class(path: str) -> type[Step]:
     """`package.module:Class` or `path/to/file.py:Class` -> the class, or a one-line StepError."""
     module_name, _, class_name = path.rpartition(":")
     if not module_name or not class_name:
@@ -193,14 +197,14 @@ def load_step_class(path: str) -> type[ShardStep]:
     except Exception as err:  # noqa: BLE001 - a user's module: any import error is theirs to fix
         raise StepError(f"step {path!r}: cannot import {module_name} ({type(err).__name__}: {err})") from None
     cls = getattr(module, class_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, ShardStep)):
+    if not (isinstance(cls, type) and issubclass(cls, Step) and cls not in (ShardStep, GlobalStep)):
         raise StepError(f"step {path!r}: {class_name} is not a facedata.core.step.ShardStep subclass in {module_name}")
     if not getattr(cls, "name", None):
         raise StepError(f"step {path!r}: {class_name} has no `name`")
     return cls
 
 
-def make_step(path: str, options: dict | None) -> ShardStep:
+def make_step(path: str, options: dict | None) -> Step:
     cls = load_step_class(path)
     try:
         return cls(options)
@@ -321,17 +325,14 @@ def _apply(step: ShardStep, table: pa.Table, before: list, out: StepOutput) -> t
     return table, statuses, step_status
 
 
-class GlobalStep:
+class GlobalStep(Step):
     """A step that decides over the whole run at once (identity; run-wide de-duplication): it sees
     every shard's records of the step before (reading only the columns it needs), then gives each
     shard its columns and verdicts as a shard step does. `run_global_step` owns the rest, once:
     skip when done over the same shards, stale cleanup, the per-shard writes, the run-wide report
     written last (`RunLayout.global_report`, which marks it done) and its log line."""
 
-    name: ClassVar[str]
-    reasons: ClassVar[dict[str, str]] = {}
-    columns: ClassVar[dict[str, pa.DataType]] = {}
-    status_column: ClassVar[str | None] = None
+    needs_images: ClassVar[bool] = False  # may read images (from the shard tars): only after download
 
     def prepare(self, layout: RunLayout, source: str, shard_ids: list[int]) -> None:
         """Read what it needs of every shard and decide."""
@@ -415,14 +416,14 @@ def _entry(entry) -> tuple[str, dict]:
     return (entry, {}) if isinstance(entry, str) else (entry.step, entry.options)
 
 
-def pipeline(cfg) -> list[tuple[str, ShardStep | None]]:
+def pipeline(cfg) -> list[tuple[str, Step | None]]:
     """The run's steps in order: (name, None) for a built-in step, (name, the step) for a user's.
     Built-in steps switched off in their section (faces.enabled: false, ...) are left out."""
     enabled = {"download": True, "faces": cfg.faces.enabled,
                "identity": cfg.faces.enabled and cfg.identity.enabled,
                "captions": cfg.faces.enabled and cfg.attributes.enabled}
     entries = cfg.steps if cfg.steps is not None else list(BUILTIN_STEPS)
-    out: list[tuple[str, ShardStep | None]] = []
+    out: list[tuple[str, Step | None]] = []
     for entry in entries:
         path, options = _entry(entry)
         if path in BUILTIN_STEPS:
@@ -451,11 +452,17 @@ def check_steps(entries: list) -> None:
             downloaded = downloaded or path == "download"
             continue
         step = make_step(path, options)
-        if not downloaded and step.needs_images:
-            raise StepError(f"step {path}: it needs images, so it must come after download")
+        if not downloaded and (step.needs_images or isinstance(step, GlobalStep)):
+            what = "it needs images" if step.needs_images else "it is run-wide"
+            raise StepError(f"step {path}: {what}, so it must come after download")
         if step.name in _RESERVED or step.name in names or not step.name.isidentifier():
             raise StepError(f"step {path}: name {step.name!r} is taken or not a plain identifier")
         names.add(step.name)
+
+
+def is_global(cfg, name: str) -> bool:
+    """Whether step `name` of the run is run-wide (a barrier: every shard before it finishes first)."""
+    return name in GLOBAL_STEPS or isinstance(dict(pipeline(cfg)).get(name), GlobalStep)
 
 
 def source_of(cfg, name: str) -> str | None:

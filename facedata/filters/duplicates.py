@@ -19,8 +19,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
 
+from facedata.core import records
+from facedata.core.run_layout import RunLayout
+from facedata.core.shards import tar_images
+from facedata.core.step import GlobalStep, StepError, StepOutput
 from facedata.filters.perceptual_hash import HASH_BITS, hex_to_bytes
 
 REASONS = {
@@ -194,3 +201,52 @@ def verify_pair(a: bytes, b: bytes, max_block_difference: float = MAX_BLOCK_DIFF
     """Whether two images (encoded bytes) are copies of one picture (see block_difference). A copy
     with a banner or logo pasted over part of it differs a lot in those blocks and is not confirmed."""
     return block_difference(a, b) <= max_block_difference
+
+
+class Duplicates(GlobalStep):
+    """The run-wide duplicate step: every kept image's sha256 and pHash (the `phash` step must come
+    before it) go through `find_duplicates`; each dropped image names the one kept in its place
+    (`duplicate_of`). A near pair is confirmed on the two images' pixels (`verify_pair`) unless
+    `verify` is off."""
+
+    name = "duplicates"
+    reasons = REASONS
+    columns = {"duplicate_of": pa.string()}
+    needs_images = True
+
+    class Options(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        radius: int = Field(8, ge=0, le=HASH_BITS // 2)  # bits of 64; 8 measured in benchmarks/README.md
+        verify: bool = True
+
+    def prepare(self, layout: RunLayout, source: str, shard_ids: list[int]) -> None:
+        wanted = ["key", "status", "ext", "sha256", "phash", "phash_crops", "width", "height"]
+        rows: list[dict] = []
+        shard_of: dict[str, tuple[int, str]] = {}
+        for shard_id in shard_ids:
+            path = layout.records_file(source, shard_id)
+            missing = set(wanted) - set(pq.read_schema(path).names)
+            if missing:
+                raise StepError(f"step duplicates: {path} has no {', '.join(sorted(missing))} column: "
+                                "put the phash step (facedata.filters.perceptual_hash:PerceptualHash) before it")
+            for row in pq.read_table(path, columns=wanted).to_pylist():
+                if row["status"] == records.OK:
+                    rows.append(row)
+                    shard_of[row["key"]] = (shard_id, row["ext"])
+
+        def image(key: str) -> bytes:
+            shard_id, ext = shard_of[key]
+            return next(data for _, data in tar_images(layout.images_tar(shard_id), {key: ext}))
+
+        verify = (lambda kept, other: verify_pair(image(kept), image(other))) if self.options.verify else None
+        self._drop = find_duplicates([r["key"] for r in rows], [r["sha256"] for r in rows], [r["phash"] for r in rows],
+                                     [r["phash_crops"] for r in rows], [(r["width"] or 0) * (r["height"] or 0) for r in rows],
+                                     radius=self.options.radius, verify=verify)
+
+    def shard_output(self, shard_id: int, table: pa.Table) -> StepOutput:
+        found = [self._drop.get(key) for key in table.column("key").to_pylist()]
+        return StepOutput(reasons=[f[0] if f else None for f in found],
+                          columns={"duplicate_of": [f[1] if f else None for f in found]})
+
+    def report(self, layout: RunLayout) -> dict:
+        return {"n_duplicates": len(self._drop), "radius": self.options.radius, "verified": self.options.verify}

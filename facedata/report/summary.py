@@ -126,13 +126,18 @@ def _add_user_steps(summary: dict, funnel: list[dict], layout: RunLayout, downlo
     for position, step in enumerate(order):
         if step in BUILTIN_STEPS:
             continue
-        shard_stats = [json.loads(p.read_text()) for i, p in _stats_files(layout.step_dir(step)).items() if i in downloads]
+        if layout.global_report(step).exists():  # a run-wide step: one report for every shard
+            shard_stats = [json.loads(layout.global_report(step).read_text())]
+        else:
+            shard_stats = [json.loads(p.read_text()) for i, p in _stats_files(layout.step_dir(step)).items()
+                           if i in downloads]
         counts: Counter = Counter()
         for stats in shard_stats:
             counts.update(stats["step_status_counts"])
         kept = counts.get(records.OK, 0)
         row = {"stage": step, "kept": kept, "dropped": sum(counts.values()) - kept, "dropped_by_status": _drops(counts),
-               "reasons": shard_stats[0]["reasons"] if shard_stats else {}, "shards_done": len(shard_stats)}
+               "reasons": shard_stats[0]["reasons"] if shard_stats else {},
+               "shards_done": len(shard_stats[0]["shard_ids"]) if "shard_ids" in (shard_stats or [{}])[0] else len(shard_stats)}
         earlier = set(order[:position])
         at = max((i for i, r in enumerate(funnel) if r["stage"] in earlier or r["stage"] == "input"), default=0)
         funnel.insert(at + 1, row)
